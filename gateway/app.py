@@ -1,0 +1,174 @@
+"""`create_app`: builds the gateway from a config, with nothing at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import admin, logs
+from . import config as cfg
+from .asgi import Receive, Scope, Send
+from .budget import period_id
+from .errors import GatewayError, MethodNotAllowed, NotFound, error_body
+from .metrics import CONTENT_TYPE, Metrics
+from .policy import Policy
+from .proxy import PREFIX, Proxy
+from .runtime import Runtime
+from .store import Store, StoreError, open_store
+from .tasks import Reconciler
+from .upstream import Upstream
+
+log = logging.getLogger("gateway")
+CONFIG_ENV = "AIO_GATEWAY_CONFIG"
+
+
+class Gateway:
+    """The ASGI app: /api/v1/ goes straight to the proxy, the rest to a small Starlette site."""
+
+    def __init__(self, runtime: Runtime, site: Starlette) -> None:
+        self.runtime = runtime
+        self.site = site
+        self.proxy = Proxy(runtime)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(PREFIX):
+            await self.proxy(scope, receive, send)
+        else:
+            await self.site(scope, receive, send)
+
+
+def create_app(
+    config: cfg.Config,
+    *,
+    config_path: str | None = None,
+    store: Store | None = None,
+    upstream: Upstream | None = None,
+    clock: Callable[[], float] = time.time,
+    reconcile_interval_s: float = 30.0,
+) -> Gateway:
+    store = store or open_store(config.store.url, prefix=config.store.key_prefix,
+                                timeout_s=config.store.timeout_s, clock=clock)
+    runtime = Runtime(
+        Policy(config),
+        store=store,
+        upstream=upstream or Upstream(config.upstream),
+        metrics=Metrics(),
+        clock=clock,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            await runtime.store.connect()
+        except StoreError:
+            log.warning("store unreachable at start-up; requests will retry it")
+        reconciler = asyncio.create_task(
+            Reconciler(runtime, interval_s=reconcile_interval_s).run())
+        if config_path is not None and threading.current_thread() is threading.main_thread():
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, lambda: _reload_on_signal(runtime, config_path))
+        try:
+            yield
+        finally:
+            reconciler.cancel()
+            await runtime.drain(runtime.policy.config.listen.shutdown_grace_s)
+            await runtime.upstream.aclose()
+            await runtime.store.close()
+
+    site = Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+            *admin.routes(),
+        ],
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error, GatewayError: gateway_error},
+    )
+    site.state.runtime = runtime
+    site.state.config_path = config_path
+    return Gateway(runtime, site)
+
+
+def create_app_from_env() -> Gateway:
+    """Factory for `uvicorn --factory` and worker processes: the config path is in the env."""
+    path = os.environ[CONFIG_ENV]
+    config = cfg.load(path)
+    logs.configure(config.logging.level, secrets=[config.upstream.api_key])
+    return create_app(config, config_path=path)
+
+
+def _reload_on_signal(runtime: Runtime, path: str) -> None:
+    try:
+        runtime.reload(path)
+    except cfg.ConfigError as exc:
+        log.error("config reload refused: %s", exc)
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    try:
+        await asyncio.wait_for(runtime.store.ping(), runtime.policy.config.store.timeout_s)
+    except (TimeoutError, StoreError):
+        if runtime.policy.config.store.on_error == "open":
+            return JSONResponse({"status": "degraded", "store": "unreachable"})
+        return Response(error_body(503, "The gateway's store is unreachable.", "store_unavailable"),
+                        status_code=503, media_type="application/json",
+                        headers={"Retry-After": "1"})
+    return JSONResponse({"status": "ready", "store": "ok"})
+
+
+async def metrics(request: Request) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    await refresh_budget_gauges(runtime)
+    return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def refresh_budget_gauges(runtime: Runtime) -> None:
+    """Budgets are shared state: read them from the store so every replica reports the same."""
+    now = runtime.clock()
+    teams = [(name, t) for name, t in runtime.policy.teams.items() if t.budget is not None]
+    periods = [(name, period_id(t.budget.period, now)) for name, t in teams if t.budget]
+    if not periods:
+        return
+    try:
+        usage = await runtime.store.budgets(periods)
+    except StoreError:
+        runtime.metrics.store_errors.labels("budgets").inc()
+        return
+    for (name, period), used in zip(periods, usage, strict=True):
+        runtime.budget_seen(name, period, used.spent + used.reserved)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error: GatewayError
+    if exc.status_code == 405:
+        error = MethodNotAllowed(f"Method {request.method} is not allowed here.")
+    elif exc.status_code == 404:
+        error = NotFound("Unknown path. The API is served under /api/v1/.")
+    else:
+        error = GatewayError(exc.detail, status=exc.status_code)
+    return await gateway_error(request, error)
+
+
+async def gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return Response(exc.body(), status_code=exc.status, media_type="application/json",
+                    headers=exc.headers)

@@ -1,0 +1,224 @@
+"""The `aio-gateway` command: serve, check-config, keys, usage, mock-upstream."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from . import config as cfg
+from .auth import hash_key, new_key
+from .budget import from_milli
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aio-gateway", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True, help="path to the YAML config")
+    serve.add_argument("--host", help="listen address (default: listen.host)")
+    serve.add_argument("--port", type=int, help="listen port (default: listen.port)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+
+    check = commands.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file")
+
+    keys = commands.add_parser("keys", help="internal keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_commands.add_parser("new", help="print a new key once, and its config line")
+    new.add_argument("--team", required=True)
+    new.add_argument("--id", help="key id (default: <team>-<random>)")
+
+    usage = commands.add_parser("usage", help="per-team totals or the raw ledger")
+    usage.add_argument("--config", required=True)
+    usage.add_argument("--team")
+    usage.add_argument("--since", help="YYYY-MM-DD (UTC)")
+    usage.add_argument("--format", choices=["table", "csv"], default="table")
+
+    mock = commands.add_parser("mock-upstream", help="run the offline stand-in for apiin.one")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8099)
+    mock.add_argument("--key", default=os.environ.get("MOCK_UPSTREAM_KEY", "aio_mock_key"),
+                      help="the upstream key it accepts (env MOCK_UPSTREAM_KEY)")
+    mock.add_argument("--task-delay", type=float, default=2.0, help="seconds a task takes")
+    mock.add_argument("--rate-limit", type=int, default=60,
+                      help="requests per minute before 429 (0 = none)")
+    mock.add_argument("--fast", action="store_true",
+                      help="benchmark mode: instant tasks, no rate limit, no request log")
+
+    args = parser.parse_args(argv)
+    try:
+        handler = {"serve": _serve, "check-config": _check, "keys": _keys, "usage": _usage,
+                   "mock-upstream": _mock}[args.command]
+        return handler(args)
+    except cfg.ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = cfg.load(args.file)
+    print(f"config OK: {len(config.teams)} team(s), {len(config.admin.keys)} admin key(s), "
+          f"store {config.store.url.split('://')[0]}://, upstream {config.upstream.base_url}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import CONFIG_ENV
+
+    config = cfg.load(args.config)
+    os.environ[CONFIG_ENV] = os.path.abspath(args.config)
+    if args.workers > 1:
+        if config.store.url.startswith("memory://"):
+            print("config error: store.url: memory:// keeps state in one process; use Redis "
+                  "with --workers > 1", file=sys.stderr)
+            return 2
+        _multiprocess_metrics_dir()
+    uvicorn.run(
+        "gateway.app:create_app_from_env",
+        factory=True,
+        host=args.host or config.listen.host,
+        port=args.port if args.port is not None else config.listen.port,
+        workers=args.workers,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=int(config.listen.shutdown_grace_s),
+    )
+    return 0
+
+
+def _multiprocess_metrics_dir() -> None:
+    """prometheus-client sums worker processes through files in this (fresh) directory."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path, exist_ok=True)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="aio-gateway-metrics-")
+
+
+def _keys(args: argparse.Namespace) -> int:
+    if not cfg._NAME.match(args.team):
+        print("keys: --team uses letters, digits, '_', '.', '-'", file=sys.stderr)
+        return 2
+    key = new_key()
+    key_id = args.id or f"{args.team}-{os.urandom(3).hex()}"
+    print(f"key (shown once, give it to team {args.team}): {key}")
+    print(f"add under teams.{args.team}.keys:")
+    print(f'  - {{id: {key_id}, sha256: "{hash_key(key)}"}}')
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    config = cfg.load(args.config)
+    if config.store.url.startswith("memory://"):
+        print("usage: memory:// keeps the ledger inside the running gateway; read it with "
+              "GET /admin/v1/teams/{team}/ledger, or use a Redis store", file=sys.stderr)
+        return 1
+    if args.team is not None and args.team not in config.teams:
+        print(f"usage: no team named {args.team!r} in the config", file=sys.stderr)
+        return 2
+    since_ms = 0
+    if args.since:
+        try:
+            since = datetime.strptime(args.since, "%Y-%m-%d").replace(tzinfo=UTC)
+        except ValueError:
+            print("usage: --since takes a date, YYYY-MM-DD", file=sys.stderr)
+            return 2
+        since_ms = int(since.timestamp() * 1000)
+    teams = [args.team] if args.team else list(config.teams)
+    events = asyncio.run(_read_ledger(config, teams, since_ms))
+    if args.format == "csv":
+        _print_csv(events)
+    else:
+        _print_totals(events, teams)
+    return 0
+
+
+async def _read_ledger(config: cfg.Config, teams: list[str], since_ms: int) -> list[dict[str, Any]]:
+    from .store import open_store
+
+    store = open_store(config.store.url, prefix=config.store.key_prefix,
+                       timeout_s=max(config.store.timeout_s, 5.0))
+    events: list[dict[str, Any]] = []
+    try:
+        for team in teams:
+            after = f"{since_ms - 1}-18446744073709551615" if since_ms else "-"
+            while True:
+                page = await store.ledger(team, after=after, limit=1000)
+                for entry in page:
+                    event = orjson.loads(entry.event)
+                    event["time"] = datetime.fromtimestamp(
+                        int(entry.id.split("-")[0]) / 1000, UTC).isoformat()
+                    events.append(event)
+                if len(page) < 1000:
+                    break
+                after = page[-1].id
+    finally:
+        await store.close()
+    return events
+
+
+_FIELDS = ("time", "team", "key_id", "model", "route", "kind", "credits", "reserved", "cached",
+           "saved", "request_id", "period")
+
+
+def _print_csv(events: list[dict[str, Any]]) -> None:
+    writer = csv.writer(sys.stdout)
+    writer.writerow(_FIELDS)
+    for event in events:
+        row = []
+        for name in _FIELDS:
+            value = event.get(name, "")
+            if name in ("credits", "reserved", "saved") and value != "":
+                value = from_milli(value)
+            row.append(value)
+        writer.writerow(row)
+
+
+def _print_totals(events: list[dict[str, Any]], teams: list[str]) -> None:
+    totals = {t: {"requests": 0, "cached": 0, "refunded": 0, "credits": 0, "saved": 0}
+              for t in teams}
+    for event in events:
+        row = totals.setdefault(event["team"], dict.fromkeys(totals[teams[0]], 0))
+        row["requests"] += 1
+        row["cached"] += bool(event.get("cached"))
+        row["refunded"] += event.get("kind") == "refund"
+        row["credits"] += event.get("credits", 0)
+        row["saved"] += event.get("saved", 0)
+    header = f"{'team':<20} {'requests':>9} {'cached':>7} {'refunded':>9} {'credits':>12} {'saved':>12}"
+    print(header)
+    for team, row in totals.items():
+        print(f"{team:<20} {row['requests']:>9} {row['cached']:>7} {row['refunded']:>9} "
+              f"{from_milli(row['credits']):>12} {from_milli(row['saved']):>12}")
+
+
+def _mock(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .mock_upstream import Settings, create_mock_app
+
+    settings = Settings(
+        api_key=args.key,
+        task_delay_s=0.0 if args.fast else args.task_delay,
+        rate_limit=None if args.fast or args.rate_limit == 0 else args.rate_limit,
+        record=not args.fast,
+    )
+    uvicorn.run(create_mock_app(settings), host=args.host, port=args.port, loop="uvloop",
+                http="httptools", log_level="warning", access_log=False, server_header=False)
+    return 0

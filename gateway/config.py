@@ -1,0 +1,328 @@
+"""Configuration: YAML parsed once into frozen, typed objects.
+
+Parsing is strict. An unknown field, a wrong type, a negative limit, a duplicate key hash or an
+unset `${VAR}` raises `ConfigError` whose message is one line that starts with the field's path
+(`teams.research.budget.period: ...`). Handlers only ever see the objects defined here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Period = Literal["day", "week", "month", "total"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(ValueError):
+    """A configuration that must not start. The message names the field."""
+
+
+def _check(*, minimum: float | None = None, pattern: re.Pattern[str] | None = None,
+           secret: bool = False, above: float | None = None) -> dict[str, Any]:
+    return {"minimum": minimum, "pattern": pattern, "secret": secret, "above": above}
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str = "0.0.0.0"
+    port: int = field(default=8080, metadata=_check(minimum=0))
+    max_body_bytes: int = field(default=25 * 1024 * 1024, metadata=_check(minimum=1))
+    shutdown_grace_s: float = field(default=30.0, metadata=_check(minimum=0))
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    base_url: str = "https://apiin.one/api/v1"
+    api_key: str = field(default="", repr=False, metadata=_check(secret=True))
+    timeout_s: float = field(default=120.0, metadata=_check(above=0))
+    connect_timeout_s: float = field(default=10.0, metadata=_check(above=0))
+    requests_per_minute: int | None = field(default=60, metadata=_check(minimum=1))
+    burst: int = field(default=1, metadata=_check(minimum=1))
+    queue_timeout_s: float = field(default=10.0, metadata=_check(minimum=0))
+    retries: int = field(default=2, metadata=_check(minimum=0))
+    max_connections: int = field(default=200, metadata=_check(minimum=1))
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    url: str = "memory://"
+    on_error: Literal["closed", "open"] = "closed"
+    timeout_s: float = field(default=1.0, metadata=_check(above=0))
+    key_prefix: str = field(default="aio", metadata=_check(pattern=_NAME))
+    warn_interval_s: float = field(default=60.0, metadata=_check(minimum=0))
+
+
+@dataclass(frozen=True, slots=True)
+class Cache:
+    scope: Literal["team", "organisation"] = "team"
+    ttl_s: int = field(default=86400, metadata=_check(minimum=0))
+    endpoints: tuple[str, ...] = ("chat/completions",)
+    task_ttl_s: int = field(default=604800, metadata=_check(minimum=0))
+    pending_task_ttl_s: float = field(default=2.0, metadata=_check(minimum=0))
+    max_entry_bytes: int = field(default=1024 * 1024, metadata=_check(minimum=0))
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    default: float = field(default=10.0, metadata=_check(minimum=0))
+    models: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    credits: float = field(metadata=_check(minimum=0))
+    period: Period = "month"
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    id: str = field(metadata=_check(pattern=_NAME))
+    sha256: str = field(repr=False, metadata=_check(pattern=_SHA256))
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    keys: tuple[Key, ...] = ()
+    requests_per_minute: int | None = field(default=None, metadata=_check(minimum=1))
+    requests_per_day: int | None = field(default=None, metadata=_check(minimum=1))
+    budget: Budget | None = None
+    models: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    keys: tuple[Key, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Ledger:
+    retention_days: float = field(default=90.0, metadata=_check(above=0))
+
+
+@dataclass(frozen=True, slots=True)
+class Logging:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: Listen = Listen()
+    upstream: Upstream = Upstream()
+    store: Store = Store()
+    cache: Cache = Cache()
+    pricing: Pricing = Pricing()
+    teams: Mapping[str, Team] = field(default_factory=dict)
+    admin: Admin = Admin()
+    ledger: Ledger = Ledger()
+    logging: Logging = Logging()
+
+    def price(self, model: str) -> float:
+        """Credits reserved for one call of `model` before it is forwarded."""
+        return self.pricing.models.get(model, self.pricing.default)
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file; raise `ConfigError` with a one-line message."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    return parse(text, env)
+
+
+def parse(text: str, env: Mapping[str, str] | None = None) -> Config:
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "config"
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{where}: {problem}") from None
+    raw = _interpolate({} if raw is None else raw, os.environ if env is None else env, "")
+    config = _build(Config, raw, "")
+    _validate(config)
+    return config
+
+
+def from_dict(raw: Mapping[str, Any]) -> Config:
+    """Build a config from an already-parsed mapping (tests and tools)."""
+    config = _build(Config, raw, "")
+    _validate(config)
+    return config
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _interpolate(value: Any, env: Mapping[str, str], path: str) -> Any:
+    """Replace `${VAR}` / `${VAR:-default}`; a value that is one whole reference is read as YAML."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, _join(path, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{path}: environment variable {name} is not set")
+
+    result = _VAR.sub(substitute, value)
+    if _VAR.fullmatch(value) and result:
+        try:
+            scalar = yaml.safe_load(result)
+        except yaml.YAMLError:
+            return result
+        return scalar if isinstance(scalar, (int, float, bool)) else result
+    return result
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _build(cls: type[Any], raw: Any, path: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {_kind(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        raise ConfigError(f"{_join(path, unknown[0])}: unknown field")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        where = _join(path, name)
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: required field is missing")
+            continue
+        values[name] = _coerce(hints[name], raw[name], where, f.metadata)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, path: str, meta: Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, path, meta)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(str(a) for a in args)
+            raise ConfigError(f"{path}: must be one of {choices}, got {_show(value, meta)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {_kind(value)}")
+        return tuple(_coerce(args[0], v, f"{path}[{i}]", meta) for i, v in enumerate(value))
+    if origin in (Mapping, dict) or hint is Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {_kind(value)}")
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str) or not k:
+                raise ConfigError(f"{_join(path, k)}: expected a non-empty name")
+            out[k] = _coerce(args[1], v, _join(path, k), meta)
+        return types.MappingProxyType(out)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    return _scalar(hint, value, path, meta)
+
+
+def _scalar(hint: Any, value: Any, path: str, meta: Mapping[str, Any]) -> Any:
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {_show(value, meta)}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {_kind(value)}")
+        pattern = meta.get("pattern")
+        if pattern is not None and not pattern.match(value):
+            raise ConfigError(f"{path}: {_show(value, meta)} is not a valid value")
+        return value
+    numeric = (int,) if hint is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, numeric):
+        kind = "an integer" if hint is int else "a number"
+        raise ConfigError(f"{path}: expected {kind}, got {_show(value, meta)}")
+    minimum, above = meta.get("minimum"), meta.get("above")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{path}: must be at least {minimum:g}, got {value}")
+    if above is not None and value <= above:
+        raise ConfigError(f"{path}: must be greater than {above:g}, got {value}")
+    return hint(value)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def _show(value: Any, meta: Mapping[str, Any]) -> str:
+    return "a hidden value" if meta.get("secret") else repr(value)
+
+
+def _validate(config: Config) -> None:
+    """Rules that span fields."""
+    seen_hash: dict[str, str] = {}
+    seen_id: dict[str, str] = {}
+    owners = [(f"teams.{name}", team.keys) for name, team in config.teams.items()]
+    owners.append(("admin", config.admin.keys))
+    for owner, keys in owners:
+        for i, key in enumerate(keys):
+            where = f"{owner}.keys[{i}]"
+            if key.sha256 in seen_hash:
+                raise ConfigError(f"{where}.sha256: duplicate key hash (also {seen_hash[key.sha256]})")
+            if key.id in seen_id:
+                raise ConfigError(f"{where}.id: duplicate key id {key.id!r} (also {seen_id[key.id]})")
+            seen_hash[key.sha256] = where
+            seen_id[key.id] = where
+    if not config.upstream.base_url.startswith(("http://", "https://")):
+        raise ConfigError("upstream.base_url: must start with http:// or https://")
+    if not config.store.url.startswith(("memory://", "redis://", "rediss://", "redis+")):
+        raise ConfigError(f"store.url: unsupported scheme in {config.store.url.split('://')[0]!r}")
+    for name in config.teams:
+        if not _NAME.match(name):
+            raise ConfigError(f"teams.{name}: team names use letters, digits, '_', '.', '-'")
+    rpm = config.upstream.requests_per_minute
+    if rpm is not None and config.upstream.burst > rpm:
+        raise ConfigError("upstream.burst: must not exceed upstream.requests_per_minute")
+    for i, endpoint in enumerate(config.cache.endpoints):
+        if endpoint.strip("/") != endpoint or not endpoint:
+            raise ConfigError(f"cache.endpoints[{i}]: write the path without slashes at the ends")

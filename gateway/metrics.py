@@ -1,0 +1,87 @@
+"""Every metric, declared once (names and labels are part of the contract).
+
+Label values are bounded: teams come from the config (plus `unknown`), routes from
+`routes.ROUTES`, statuses are HTTP codes, cache results a fixed set. With several worker
+processes (PROMETHEUS_MULTIPROC_DIR set) prometheus-client sums them at scrape time.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client import multiprocess as mp
+
+# sub-millisecond (cache hits) to minutes (video generation through a slow upstream)
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+           1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    def __init__(self) -> None:
+        disable_created_metrics()  # `_created` series double the output and no panel uses them
+        # In multiprocess mode values live in files and a fresh collector reads them per scrape.
+        self._multiprocess = multiprocess_dir() is not None
+        registry = None if self._multiprocess else CollectorRegistry()
+        self._registry = registry
+        self.requests = Counter(
+            "gateway_requests_total", "Requests answered by the gateway.",
+            ["team", "route", "status", "cache"], registry=registry)
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds", "Time from request to the end of the answer.",
+            ["route"], buckets=BUCKETS, registry=registry)
+        self.upstream_requests = Counter(
+            "gateway_upstream_requests_total",
+            "Requests sent to the upstream API, by its answer (`error` when none came).",
+            ["route", "status"], registry=registry)
+        self.upstream_duration = Histogram(
+            "gateway_upstream_duration_seconds", "Time the upstream API took to answer.",
+            ["route"], buckets=BUCKETS, registry=registry)
+        self.cache_events = Counter(
+            "gateway_cache_events_total",
+            "Cache lookups and writes: hit, miss, coalesced, bypass, stored.",
+            ["route", "result"], registry=registry)
+        self.credits_charged = Counter(
+            "gateway_credits_charged_total", "Credits settled against team budgets.",
+            ["team"], registry=registry)
+        self.credits_saved = Counter(
+            "gateway_credits_saved_total",
+            "Credits not spent upstream because the answer came from cache.",
+            ["team"], registry=registry)
+        self.rejections = Counter(
+            "gateway_rejections_total", "Requests the gateway refused, by reason.",
+            ["team", "reason"], registry=registry)
+        self.budget_remaining = Gauge(
+            "gateway_budget_remaining_credits",
+            "Credits left in the team's current budget period (from the shared store).",
+            ["team"], multiprocess_mode="mostrecent", registry=registry)
+        self.inflight = Gauge(
+            "gateway_inflight_requests", "Requests being answered right now.",
+            multiprocess_mode="livesum", registry=registry)
+        self.store_errors = Counter(
+            "gateway_store_errors_total", "Store operations that failed (unreachable or slow).",
+            ["operation"], registry=registry)
+        self.store_fallback = Counter(
+            "gateway_store_fallback_requests_total",
+            "Requests served without the shared store (store.on_error: open).",
+            registry=registry)
+
+    def render(self) -> bytes:
+        if self._registry is not None:
+            return generate_latest(self._registry)
+        registry = CollectorRegistry()
+        mp.MultiProcessCollector(registry)
+        return generate_latest(registry)

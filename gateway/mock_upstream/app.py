@@ -1,0 +1,294 @@
+"""An offline stand-in for apiin.one that behaves like its documentation.
+
+- Bearer key check (401 authentication_error), `model` required (400 invalid_request).
+- The five async endpoints answer a pending task at once; `GET /api/v1/tasks/{id}` moves it
+  pending -> processing -> completed (or failed) over `task_delay_s`, with `credits_consumed`
+  and a result URL in the final status.
+- Chat completions with `usage` and `credits_consumed`; `"stream": true` as server-sent events.
+- The account's own limit (60 requests per minute by default): 429 rate_limit with Retry-After.
+
+Test hooks in the request body: `mock_credits` (credits to report), `mock_delay_s` (task
+duration), `mock_fail` (the task fails), `mock_chunk_delay_s` (pause between stream events).
+Control endpoints under `/_mock/`: `faults` (queue failures: a status, a slow answer, a slow
+drip, a dropped connection), `stats`, `reset`, `config`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+ASYNC_PATHS = ("images/generations", "videos/generations", "audio/music", "audio/speech",
+               "images/tools/remove-bg")
+PRICES = {"flux-2": 4, "kling-3": 100, "gemini": 2}
+DEFAULT_PRICE = 5
+
+
+@dataclass
+class Settings:
+    api_key: str = "aio_mock_key"
+    task_delay_s: float = 2.0
+    rate_limit: int | None = 60  # requests per minute; None = unlimited
+    record: bool = True  # keep the last requests for tests to inspect
+
+
+@dataclass
+class Fault:
+    status: int | None = None
+    count: int = 1
+    path: str | None = None  # only requests whose path (below /api/v1/) starts with this
+    delay_s: float = 0.0
+    drip_s: float = 0.0  # pause between body chunks
+    drop: bool = False  # cut the connection in the middle of the answer
+    retry_after: str | None = None
+
+
+@dataclass
+class State:
+    settings: Settings
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    faults: list[Fault] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)
+    log: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=500))
+    window: deque[float] = field(default_factory=deque)
+    ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+
+def error(status: int, message: str, type_: str, headers: dict[str, str] | None = None) -> Response:
+    body = orjson.dumps({"error": {"code": status, "message": message, "type": type_}})
+    return Response(body, status, headers=headers, media_type="application/json")
+
+
+def json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status, media_type="application/json")
+
+
+class Dropped:
+    """Starts an answer and cuts the connection half way: the client sees a broken body."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", b"1000")]})
+        await send({"type": "http.response.body", "body": b'{"partial": ', "more_body": True})
+        raise ConnectionAbortedError("mock upstream: dropped connection")
+
+
+class Dripping(Response):
+    """The answer, a few bytes at a time."""
+
+    def __init__(self, body: bytes, pause_s: float, status: int = 200) -> None:
+        super().__init__(body, status, media_type="application/json")
+        self.pause_s = pause_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        for i in range(0, len(self.body), 8):
+            await send({"type": "http.response.body", "body": self.body[i:i + 8],
+                        "more_body": True})
+            await asyncio.sleep(self.pause_s)
+        await send({"type": "http.response.body", "body": b""})
+
+
+def create_mock_app(settings: Settings | None = None) -> Starlette:
+    state = State(settings or Settings())
+
+    async def gate(request: Request, path: str) -> Response | Fault | None:
+        """Auth, the account's rate limit and queued faults, like the real service's front."""
+        s = state.settings
+        body = await request.body()
+        state.counts[f"{request.method} {path}"] += 1
+        if s.record:
+            state.log.append({"method": request.method, "path": path,
+                              "query": request.url.query,
+                              "headers": dict(request.headers), "body": body.decode(errors="replace")})
+        if request.headers.get("authorization") != f"Bearer {s.api_key}":
+            return error(401, "Invalid API key", "authentication_error")
+        if s.rate_limit is not None:
+            now = time.monotonic()
+            while state.window and state.window[0] <= now - 60:
+                state.window.popleft()
+            if len(state.window) >= s.rate_limit:
+                wait = max(1, int(state.window[0] + 60 - now) + 1)
+                state.counts["429"] += 1
+                return error(429, "Rate limit exceeded", "rate_limit", {"Retry-After": str(wait)})
+            state.window.append(now)
+        for fault in state.faults:
+            if fault.path is None or path.startswith(fault.path):
+                fault.count -= 1
+                if fault.count <= 0:
+                    state.faults.remove(fault)
+                if fault.delay_s:
+                    await asyncio.sleep(fault.delay_s)
+                return fault
+        return None
+
+    def faulted(fault: Fault, ok: Response) -> Response | Dropped:
+        if fault.drop:
+            return Dropped()
+        if fault.status is not None:
+            headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
+            kind = {429: "rate_limit", 402: "insufficient_credits", 401: "authentication_error",
+                    400: "invalid_request", 404: "not_found"}.get(fault.status, "server_error")
+            return error(fault.status, "Injected failure", kind, headers)
+        if fault.drip_s:
+            return Dripping(ok.body, fault.drip_s, ok.status_code)
+        return ok
+
+    async def payload(request: Request) -> dict[str, Any] | Response:
+        try:
+            data = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            return error(400, "Invalid JSON body", "invalid_request")
+        if not isinstance(data, dict) or not isinstance(data.get("model"), str):
+            return error(400, "The 'model' parameter is required", "invalid_request")
+        return data
+
+    async def create_task(request: Request) -> Any:
+        path = request.url.path.removeprefix("/api/v1/")
+        gated = await gate(request, path)
+        if isinstance(gated, Response):
+            return gated
+        data = await payload(request)
+        if isinstance(data, Response):
+            return data
+        task_id = f"task_{next(state.ids):06d}{int(time.time() * 1000) % 100000:05d}"
+        created = time.time()
+        state.tasks[task_id] = {
+            "model": data["model"],
+            "created": created,
+            "delay": float(data.get("mock_delay_s", state.settings.task_delay_s)),
+            "credits": data.get("mock_credits", PRICES.get(data["model"], DEFAULT_PRICE)),
+            "fail": bool(data.get("mock_fail", False)),
+            "kind": path,
+        }
+        answer = json({"id": task_id, "status": "pending", "model": data["model"],
+                       "created_at": _iso(created)})
+        return faulted(gated, answer) if gated else answer
+
+    async def task_status(request: Request) -> Any:
+        task_id = request.path_params["task_id"]
+        gated = await gate(request, f"tasks/{task_id}")
+        if isinstance(gated, Response):
+            return gated
+        task = state.tasks.get(task_id)
+        if task is None:
+            return error(404, "Task not found", "not_found")
+        elapsed = time.time() - task["created"]
+        body: dict[str, Any] = {"id": task_id, "model": task["model"],
+                                "created_at": _iso(task["created"])}
+        if elapsed < task["delay"] / 2:
+            body["status"] = "pending"
+        elif elapsed < task["delay"]:
+            body["status"] = "processing"
+        elif task["fail"]:
+            body.update(status="failed", error={"message": "Generation failed"},
+                        credits_consumed=0)
+        else:
+            ext = "mp4" if "video" in task["kind"] else "mp3" if "audio" in task["kind"] else "png"
+            body.update(status="completed", completed_at=_iso(task["created"] + task["delay"]),
+                        result={"url": f"https://cdn.apiin.one/mock/{task_id}.{ext}"},
+                        credits_consumed=task["credits"])
+        answer = json(body)
+        return faulted(gated, answer) if gated else answer
+
+    async def chat(request: Request) -> Any:
+        gated = await gate(request, "chat/completions")
+        if isinstance(gated, Response):
+            return gated
+        data = await payload(request)
+        if isinstance(data, Response):
+            return data
+        n = next(state.ids)
+        messages = data.get("messages") or []
+        prompt = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+        words = (f"Mock answer {n} to: {prompt}"[:400]).split()
+        credits = data.get("mock_credits", PRICES.get(data["model"], DEFAULT_PRICE))
+        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(words),
+                 "total_tokens": len(prompt.split()) + len(words)}
+        if data.get("stream") is True and not (gated and (gated.status or gated.drop)):
+            pause = float(data.get("mock_chunk_delay_s", 0.05))
+            return StreamingResponse(_events(n, data["model"], words, usage, credits, pause),
+                                     media_type="text/event-stream")
+        answer = json({
+            "id": f"chatcmpl_{n}", "object": "chat.completion", "model": data["model"],
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": " ".join(words)}}],
+            "usage": usage, "credits_consumed": credits,
+        })
+        return faulted(gated, answer) if gated else answer
+
+    async def other(request: Request) -> Any:
+        gated = await gate(request, request.path_params["rest"])
+        if isinstance(gated, Response):
+            return gated
+        return error(404, "Not found", "not_found")
+
+    async def control_faults(request: Request) -> Response:
+        data = orjson.loads(await request.body() or b"{}")
+        state.faults.append(Fault(**data))
+        return json({"queued": len(state.faults)})
+
+    async def control_stats(request: Request) -> Response:
+        return json({"counts": dict(state.counts), "requests": list(state.log),
+                     "faults": len(state.faults), "tasks": len(state.tasks)})
+
+    async def control_reset(request: Request) -> Response:
+        state.faults.clear()
+        state.counts.clear()
+        state.log.clear()
+        state.window.clear()
+        return json({"reset": True})
+
+    async def control_config(request: Request) -> Response:
+        for name, value in orjson.loads(await request.body() or b"{}").items():
+            setattr(state.settings, name, value)
+        return json({"ok": True})
+
+    routes = [Route(f"/api/v1/{p}", create_task, methods=["POST"]) for p in ASYNC_PATHS]
+    routes += [
+        Route("/api/v1/chat/completions", chat, methods=["POST"]),
+        Route("/api/v1/tasks/{task_id}", task_status, methods=["GET"]),
+        Route("/api/v1/{rest:path}", other,
+              methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]),
+        Route("/_mock/faults", control_faults, methods=["POST"]),
+        Route("/_mock/stats", control_stats, methods=["GET"]),
+        Route("/_mock/reset", control_reset, methods=["POST"]),
+        Route("/_mock/config", control_config, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes)
+    app.state.mock = state
+    return app
+
+
+async def _events(n: int, model: str, words: list[str], usage: dict[str, int], credits: Any,
+                  pause: float) -> Any:
+    for word in words:
+        chunk = {"id": f"chatcmpl_{n}", "object": "chat.completion.chunk", "model": model,
+                 "choices": [{"index": 0, "delta": {"content": word + " "}}]}
+        yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+        await asyncio.sleep(pause)
+    final = {"id": f"chatcmpl_{n}", "object": "chat.completion.chunk", "model": model,
+             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+             "usage": usage, "credits_consumed": credits}
+    yield b"data: " + orjson.dumps(final) + b"\n\n"
+    yield b"data: [DONE]\n\n"
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -1,0 +1,70 @@
+"""What the config means for each request, computed once per config load (and per reload)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from . import quota as quotas
+from .auth import Principal
+from .budget import to_milli
+from .config import Budget, Config
+from .store.base import Pace
+
+
+@dataclass(frozen=True, slots=True)
+class TeamPolicy:
+    name: str
+    quotas: tuple[quotas.Quota, ...]
+    budget: Budget | None
+    budget_limit: int | None  # millicredits
+    models: frozenset[str] | None
+    policy_header: bytes | None  # RateLimit-Policy
+
+
+class Policy:
+    """The compiled config: key index, per-team limits, pricing and pacing."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.teams: dict[str, TeamPolicy] = {}
+        self.keys: dict[str, Principal] = {}
+        self.key_owner: dict[str, str] = {}
+        for name, team in config.teams.items():
+            windows = []
+            if team.requests_per_minute is not None:
+                windows.append(quotas.Quota("minute", team.requests_per_minute, 60.0))
+            if team.requests_per_day is not None:
+                windows.append(quotas.Quota("day", team.requests_per_day, 86400.0))
+            self.teams[name] = TeamPolicy(
+                name=name,
+                quotas=tuple(windows),
+                budget=team.budget,
+                budget_limit=to_milli(team.budget.credits) if team.budget else None,
+                models=frozenset(team.models) if team.models is not None else None,
+                policy_header=quotas.policy_header(tuple(windows)).encode() if windows else None,
+            )
+            for key in team.keys:
+                self.keys[key.sha256] = Principal(name, key.id)
+                self.key_owner[key.id] = name
+        self.admin_keys = {key.sha256: key.id for key in config.admin.keys}
+        self.models = frozenset(config.pricing.models).union(
+            *(t.models for t in self.teams.values() if t.models is not None)
+        )
+        upstream = config.upstream
+        rpm = upstream.requests_per_minute
+        # GCRA with burst B and one slot per 60/(R-B+1) s never lets more than R through in any
+        # 60 s window, so the upstream's own per-minute limit is never hit.
+        self.pace = None if rpm is None else Pace(
+            interval_ms=60000.0 / (rpm - upstream.burst + 1),
+            burst=upstream.burst,
+            queue_ms=upstream.queue_timeout_s * 1000.0,
+        )
+        attempts = 1 + upstream.retries
+        self.hold_ms = math.ceil(
+            (upstream.timeout_s * attempts + upstream.queue_timeout_s + 5.0) * 1000
+        )
+
+    def model_label(self, model: str | None) -> str:
+        """Bounded model names for ledgers and logs: configured models, else `other`."""
+        return model if model is not None and model in self.models else "other"

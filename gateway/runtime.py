@@ -1,0 +1,113 @@
+"""The services a running gateway shares between requests, and the store failure policy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import replace
+from typing import Any
+
+from . import config as cfg
+from .asgi import Reply
+from .budget import from_milli, period_id
+from .errors import StoreUnavailable
+from .metrics import Metrics
+from .policy import Policy
+from .store import MemoryStore, Store, StoreError
+from .store.base import Admission, AdmitResult, Completion, Settled
+from .upstream import Upstream
+
+log = logging.getLogger("gateway")
+
+
+class Runtime:
+    def __init__(self, policy: Policy, *, store: Store, upstream: Upstream, metrics: Metrics,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.policy = policy
+        self.store = store
+        self.upstream = upstream
+        self.metrics = metrics
+        self.clock = clock
+        # `store.on_error: open`: per-process quotas while the shared store is away
+        self.fallback = MemoryStore(prefix=policy.config.store.key_prefix, clock=clock)
+        self.flights: dict[str, asyncio.Future[Reply]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._warned_at = float("-inf")
+
+    def reload(self, path: str) -> cfg.Config:
+        """Apply a changed config file; in-flight requests finish under the one they started with.
+
+        Teams, keys, limits, pricing, cache rules and admin keys change at once; the listen
+        address, the store and the upstream connection need a restart (a warning says so).
+        Raises `ConfigError` (and keeps the running config) when the file is invalid.
+        """
+        config = cfg.load(path)
+        old = self.policy.config
+        for section in ("listen", "store", "upstream"):
+            if getattr(config, section) != getattr(old, section):
+                log.warning("config reload: changes to %r apply after a restart", section)
+        self.policy = Policy(config)
+        log.info("config reloaded")
+        return config
+
+    def submit(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run bookkeeping after the response; `drain` waits for it at shutdown."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, timeout_s: float) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+
+    async def admit(self, admission: Admission) -> tuple[AdmitResult, Store]:
+        """Ask the shared store; when it is away, fail closed or fall back as configured."""
+        try:
+            return await self.store.admit(admission), self.store
+        except StoreError:
+            self.metrics.store_errors.labels("admit").inc()
+            if self.policy.config.store.on_error == "closed":
+                raise StoreUnavailable() from None
+        self.metrics.store_fallback.inc()
+        now = time.monotonic()
+        if now - self._warned_at >= self.policy.config.store.warn_interval_s:
+            self._warned_at = now
+            log.warning("store unreachable: serving without shared limits (store.on_error: open)")
+        return await self.fallback.admit(replace(admission, budget_limit=None)), self.fallback
+
+    async def finish(self, store: Store, completion: Completion, *, attempts: int = 5) -> None:
+        """Bookkeeping with retries: a store blip must not lose a settlement."""
+        delay = 0.2
+        for attempt in range(attempts):
+            try:
+                settled = await store.finish(completion)
+            except StoreError:
+                self.metrics.store_errors.labels("finish").inc()
+                if attempt + 1 == attempts:
+                    log.error("store unreachable: bookkeeping deferred to the reconciler",
+                              extra={"fields": {"team": completion.team,
+                                                "message": "finish failed"}})
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            else:
+                self.settled(completion.team, completion.period, settled)
+                return
+
+    def settled(self, team: str, period: str | None, settled: Settled) -> None:
+        if not settled.settled:
+            return
+        if settled.charged:
+            self.metrics.credits_charged.labels(team).inc(from_milli(settled.charged))
+        self.budget_seen(team, period, settled.spent + settled.reserved)
+
+    def budget_seen(self, team: str, period: str | None, used: int | None) -> None:
+        """Keep the remaining-budget gauge in step with the shared store's numbers."""
+        policy = self.policy.teams.get(team)
+        if policy is None or policy.budget is None or used is None or policy.budget_limit is None:
+            return
+        if period is not None and period != period_id(policy.budget.period, self.clock()):
+            return
+        self.metrics.budget_remaining.labels(team).set(from_milli(policy.budget_limit - used))

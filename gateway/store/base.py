@@ -1,0 +1,175 @@
+"""The store interface: every piece of shared state, behind a few atomic operations.
+
+`admit` is the hot path: one round trip decides a proxied request (revocation, idempotency,
+quota, task ownership, cache lookup and single-flight lock, budget reservation, upstream pacing)
+and writes only when the request is let through. `finish` does all the bookkeeping after the
+response in one more round trip. Both backends implement the same semantics; Redis in Lua on its
+own clock, memory in Python on the injected clock.
+
+Every backend failure surfaces as `StoreError`, so fail-open / fail-closed is decided in one place.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..quota import Quota, QuotaState
+
+
+class StoreError(Exception):
+    """The store could not be reached or did not answer in time."""
+
+
+class Verdict(enum.IntEnum):
+    ADMIT = 0  # forward upstream; reservation, flight lock and pacing slot taken as asked
+    HIT = 1  # answered from the cache entry in `AdmitResult.entry`
+    FOLLOW = 2  # another request is fetching this cache key; wait for its answer
+    REPLAY = 3  # Idempotency-Key seen before: replay `AdmitResult.entry`
+    QUOTA = 4  # team quota spent
+    BUDGET = 5  # team budget cannot hold the reservation
+    PACE = 6  # the organisation's upstream allowance is spent beyond the queue timeout
+    NOT_FOUND = 7  # task unknown to this team
+    REVOKED = 8  # key revoked at run time
+    IDEM_BUSY = 9  # same Idempotency-Key still in flight
+    IDEM_MISMATCH = 10  # same Idempotency-Key, another body
+
+
+@dataclass(frozen=True, slots=True)
+class CacheRef:
+    """A cache entry: `digest` names it; `shared` entries are visible to every team."""
+
+    route: str
+    digest: str
+    shared: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Pace:
+    """The organisation's upstream allowance: one slot every `interval_ms`, `burst` at once."""
+
+    interval_ms: float
+    burst: int
+    queue_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Credits held from a team's budget for one request (or one async task)."""
+
+    id: str
+    period: str
+    amount: int  # millicredits
+    context: bytes  # JSON ledger context (key id, model, route, request id)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    team: str
+    key_id: str
+    ticket: str  # unique per request (clients may reuse an X-Request-ID); owns locks
+    hold_ms: int  # lifetime of the flight lock, the idempotency lock and the reservation
+    quotas: tuple[Quota, ...] = ()
+    count_quota: bool = True
+    idempotency: tuple[str, str] | None = None  # (key digest, body fingerprint)
+    task_id: str | None = None  # GET /tasks/{id}: the team must own it
+    cache: CacheRef | None = None  # look up; on a miss take the flight lock
+    reservation: Reservation | None = None
+    budget_limit: int | None = None  # millicredits; None = no budget
+    pace: Pace | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitResult:
+    verdict: Verdict
+    now: float  # the store's clock, epoch seconds
+    quotas: tuple[QuotaState, ...] = ()
+    retry_after_s: float = 0.0
+    entry: bytes | None = None
+    entry_ttl_s: float = 0.0
+    pace_delay_s: float = 0.0
+    budget_used: int | None = None  # spent + reserved in the period, millicredits
+
+
+class Settle(enum.Enum):
+    CHARGE = "charge"  # settle the reservation to `Completion.charge`
+    REFUND = "refund"  # release it whole
+    HOLD = "hold"  # keep it, keyed by the task id, until the task's final status
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """All the bookkeeping of one finished request, done in one round trip."""
+
+    team: str
+    ticket: str
+    settle: Settle | None = None
+    reservation_id: str | None = None
+    period: str | None = None
+    charge: int | None = None  # millicredits; None with CHARGE = the reserved amount
+    hold_id: str | None = None  # with HOLD: the reservation's new id (task:<id>)
+    hold_ms: int = 0
+    cache_put: tuple[CacheRef, bytes, int] | None = None  # (ref, entry, ttl ms)
+    release: CacheRef | None = None  # flight lock to release, if still ours
+    idempotency: tuple[str, bytes | None, int] | None = None  # (digest, answer or None = drop, ttl)
+    task_owner: tuple[str, int] | None = None  # (task id, ttl ms): the team may poll it
+    ledger: bytes | None = None  # an event with no reservation behind it (cache hit)
+    ledger_min_ms: int = 0  # trim ledger entries older than this
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    settled: bool  # False: the reservation was already settled (or never existed)
+    spent: int = 0  # the reservation's period, after settling
+    reserved: int = 0
+    charged: int = 0  # millicredits this settlement added to `spent`
+
+
+@dataclass(frozen=True, slots=True)
+class Flight:
+    entry: bytes | None
+    entry_ttl_s: float
+    held: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    id: str  # "<ms>-<seq>", ordered
+    event: bytes  # JSON
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetUsage:
+    spent: int
+    reserved: int
+
+
+@dataclass(slots=True)
+class PendingReservation:
+    id: str
+    deadline_ms: int
+    period: str
+    amount: int
+    context: bytes = field(repr=False)
+
+
+class Store(Protocol):
+    async def connect(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> None: ...
+    async def now(self) -> float: ...
+
+    async def admit(self, admission: Admission) -> AdmitResult: ...
+    async def finish(self, completion: Completion) -> Settled: ...
+    async def pace(self, pace: Pace) -> tuple[bool, float]: ...
+    async def flight(self, team: str, ref: CacheRef) -> Flight: ...
+
+    async def budgets(self, teams: Sequence[tuple[str, str]]) -> list[BudgetUsage]: ...
+    async def reservations(self, team: str) -> list[PendingReservation]: ...
+    async def ledger(self, team: str, *, after: str = "-", limit: int = 100) -> list[LedgerEntry]: ...
+    async def revoke(self, team: str, key_id: str, revoked: bool) -> None: ...
+    async def revoked(self, team: str) -> set[str]: ...
+    async def flush_cache(self, *, route: str | None = None, team: str | None = None) -> int: ...
+    async def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool: ...

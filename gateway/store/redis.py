@@ -1,0 +1,202 @@
+"""The Redis store: shared by every replica; each operation is one Lua script called by SHA."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from .base import (
+    Admission,
+    AdmitResult,
+    BudgetUsage,
+    CacheRef,
+    Completion,
+    Flight,
+    LedgerEntry,
+    Pace,
+    PendingReservation,
+    Settled,
+    StoreError,
+    Verdict,
+)
+from .keys import Keys
+from .records import admit_args, parse_admit, parse_reservation
+
+T = TypeVar("T")
+_SCRIPTS = ("admit", "finish", "pace", "flight")
+
+
+def _source(name: str) -> str:
+    lua = resources.files("gateway.store") / "lua"
+    return (lua / "lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+class RedisStore:
+    def __init__(self, url: str, *, prefix: str = "aio", timeout_s: float = 1.0) -> None:
+        self.keys = Keys(prefix)
+        self._redis: Redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            health_check_interval=30,
+            max_connections=512,
+        )
+        self._scripts: dict[str, AsyncScript] = {
+            name: self._redis.register_script(_source(name)) for name in _SCRIPTS
+        }
+
+    def __repr__(self) -> str:
+        kwargs = self._redis.connection_pool.connection_kwargs
+        return f"RedisStore(host={kwargs.get('host')!r}, port={kwargs.get('port')!r})"
+
+    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await operation()
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise StoreError(f"redis: {type(exc).__name__}") from None
+
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        script = self._scripts[name]
+        return await self._call(lambda: script(keys=keys, args=args))
+
+    async def connect(self) -> None:
+        """Load the scripts now, so the first requests do not pay for it (and fail early)."""
+        for script in self._scripts.values():
+            await self._call(lambda script=script: self._redis.script_load(script.script))
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def ping(self) -> None:
+        await self._call(self._redis.ping)
+
+    async def now(self) -> float:
+        seconds, micros = await self._call(self._redis.time)
+        return float(seconds) + micros / 1e6
+
+    async def admit(self, a: Admission) -> AdmitResult:
+        k = self.keys
+        entry_key, flight_key = k.cache(a.team, a.cache) if a.cache else ("", "")
+        keys = [
+            k.team(a.team, "revoked"),
+            k.team(a.team, "quota"),
+            k.idempotency(a.team, a.idempotency[0]) if a.idempotency else k.team(a.team, "idem"),
+            k.task(a.team, a.task_id) if a.task_id else k.team(a.team, "task"),
+            entry_key or k.team(a.team, "cache"),
+            flight_key or k.team(a.team, "flight"),
+            k.team(a.team, "budget"),
+            k.team(a.team, "resv"),
+            k.org("pace"),
+        ]
+        raw = await self._run("admit", keys, admit_args(a))
+        return parse_admit(a, raw)
+
+    async def finish(self, c: Completion) -> Settled:
+        k = self.keys
+        entry_key, flight_key = ("", "")
+        ref = c.cache_put[0] if c.cache_put else c.release
+        if ref is not None:
+            entry_key, flight_key = k.cache(c.team, ref)
+        keys = [
+            k.team(c.team, "resv"),
+            k.team(c.team, "budget"),
+            k.team(c.team, "ledger"),
+            entry_key or k.team(c.team, "cache"),
+            flight_key or k.team(c.team, "flight"),
+            k.idempotency(c.team, c.idempotency[0]) if c.idempotency else k.team(c.team, "idem"),
+            k.task(c.team, c.task_owner[0]) if c.task_owner else k.team(c.team, "task"),
+        ]
+        idem_mode, idem_answer, idem_ttl = "", b"", 0
+        if c.idempotency:
+            idem_mode = "done" if c.idempotency[1] is not None else "drop"
+            idem_answer, idem_ttl = c.idempotency[1] or b"", c.idempotency[2]
+        args = [
+            c.settle.value if c.settle else "",
+            c.reservation_id or "",
+            "" if c.charge is None else c.charge,
+            c.hold_id or "",
+            c.hold_ms,
+            c.cache_put[1] if c.cache_put else "",
+            c.cache_put[2] if c.cache_put else 0,
+            c.ticket,
+            idem_mode,
+            idem_answer,
+            idem_ttl,
+            c.task_owner[1] if c.task_owner else "",
+            c.ledger or "",
+            c.ledger_min_ms,
+            "1" if c.release else "0",
+        ]
+        settled, spent, reserved, charged = await self._run("finish", keys, args)
+        return Settled(bool(settled), int(spent), int(reserved), int(charged))
+
+    async def pace(self, pace: Pace) -> tuple[bool, float]:
+        booked, wait = await self._run(
+            "pace", [self.keys.org("pace")], [pace.interval_ms, pace.burst, pace.queue_ms]
+        )
+        return bool(booked), wait / 1000.0
+
+    async def flight(self, team: str, ref: CacheRef) -> Flight:
+        entry, ttl, held = await self._run("flight", list(self.keys.cache(team, ref)), [])
+        return Flight(entry or None, max(ttl, 0) / 1000.0, bool(held))
+
+    async def budgets(self, teams: Sequence[tuple[str, str]]) -> list[BudgetUsage]:
+        async def read() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for team, period in teams:
+                    pipe.hmget(self.keys.team(team, "budget"), f"spent:{period}",
+                               f"reserved:{period}")
+                return await pipe.execute()  # type: ignore[no-any-return]
+
+        rows = await self._call(read)
+        return [BudgetUsage(int(s or 0), int(r or 0)) for s, r in rows]
+
+    async def reservations(self, team: str) -> list[PendingReservation]:
+        raw = await self._call(lambda: self._redis.hgetall(self.keys.team(team, "resv")))
+        return [parse_reservation(rid.decode(), value) for rid, value in raw.items()]
+
+    async def ledger(self, team: str, *, after: str = "-", limit: int = 100) -> list[LedgerEntry]:
+        start = after if after == "-" else f"({after}"
+        rows = await self._call(
+            lambda: self._redis.xrange(self.keys.team(team, "ledger"), start, "+", count=limit)
+        )
+        return [LedgerEntry(rid.decode(), fields[b"e"]) for rid, fields in rows]
+
+    async def revoke(self, team: str, key_id: str, revoked: bool) -> None:
+        key = self.keys.team(team, "revoked")
+        op = self._redis.sadd if revoked else self._redis.srem
+        await self._call(lambda: op(key, key_id))
+
+    async def revoked(self, team: str) -> set[str]:
+        members = await self._call(lambda: self._redis.smembers(self.keys.team(team, "revoked")))
+        return {m.decode() for m in members}
+
+    async def flush_cache(self, *, route: str | None = None, team: str | None = None) -> int:
+        pattern = self.keys.cache_pattern(route=route, team=team)
+
+        async def flush() -> int:
+            removed = 0
+            batch: list[bytes] = []
+            async for key in self._redis.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    removed += await self._redis.unlink(*batch)
+                    batch.clear()
+            if batch:
+                removed += await self._redis.unlink(*batch)
+            return removed
+
+        return await self._call(flush)
+
+    async def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
+        key = self.keys.org(name)
+        return bool(await self._call(lambda: self._redis.set(key, owner, px=ttl_ms, nx=True)))
+
+
+__all__ = ["RedisStore", "Verdict"]
