@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from . import admin, logs
 from . import config as cfg
-from .asgi import Receive, Scope, Send
+from .asgi import Receive, RequestIdMiddleware, Scope, Send
 from .budget import period_id
 from .errors import GatewayError, MethodNotAllowed, NotFound, error_body
 from .metrics import CONTENT_TYPE, Metrics
@@ -39,7 +39,7 @@ class Gateway:
 
     def __init__(self, runtime: Runtime, site: Starlette) -> None:
         self.runtime = runtime
-        self.site = site
+        self.site = RequestIdMiddleware(site)
         self.proxy = Proxy(runtime)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

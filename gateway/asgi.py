@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,3 +61,33 @@ async def wait_disconnect(receive: Receive) -> None:
     """Returns when the client disconnects (call once the request body has been read)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+def request_id_of(headers: Headers) -> str:
+    """The client's X-Request-ID when it is sane (visible ASCII, up to 128), else a new one."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            if 0 < len(value) <= 128 and all(0x21 <= c <= 0x7E for c in value):
+                return value.decode()
+            break
+    return os.urandom(16).hex()
+
+
+class RequestIdMiddleware:
+    """Puts `X-Request-ID` on every answer of the wrapped app."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = (b"x-request-id", request_id_of(scope["headers"]).encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

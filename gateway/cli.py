@@ -77,6 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import CONFIG_ENV
+    from .server import HttpProtocol
 
     config = cfg.load(args.config)
     os.environ[CONFIG_ENV] = os.path.abspath(args.config)
@@ -93,7 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port if args.port is not None else config.listen.port,
         workers=args.workers,
         loop="uvloop",
-        http="httptools",
+        http=HttpProtocol,
         log_config=None,
         access_log=False,
         server_header=False,

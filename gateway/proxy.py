@@ -28,6 +28,7 @@ from .asgi import (
     Send,
     error_reply,
     read_body,
+    request_id_of,
     send_reply,
     wait_disconnect,
 )
@@ -123,7 +124,7 @@ class Proxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        request_id = _request_id(scope["headers"])
+        request_id = request_id_of(scope["headers"])
         path = scope["path"][len(PREFIX):]
         ex = Exchange(request_id, scope["method"], routes.route_of(path))
         metrics = self.rt.metrics
@@ -625,15 +626,6 @@ class _Head:
                 self.cache_control = value
             elif name == b"idempotency-key":
                 self.idempotency_key = value.strip()
-
-
-def _request_id(headers: Headers) -> str:
-    for name, value in headers:
-        if name == b"x-request-id":
-            if 0 < len(value) <= 128 and all(0x21 <= c <= 0x7E for c in value):
-                return value.decode()
-            break
-    return os.urandom(16).hex()
 
 
 def _json_object(body: bytes, content_type: bytes | None) -> dict[str, Any]:

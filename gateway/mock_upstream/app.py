@@ -8,9 +8,10 @@
 - The account's own limit (60 requests per minute by default): 429 rate_limit with Retry-After.
 
 Test hooks in the request body: `mock_credits` (credits to report), `mock_delay_s` (task
-duration), `mock_fail` (the task fails), `mock_chunk_delay_s` (pause between stream events).
+duration), `mock_fail` (the task fails), `mock_chunk_delay_s` (pause between stream events),
+`mock_hold` (a stream stops after its first event until `POST /_mock/release`).
 Control endpoints under `/_mock/`: `faults` (queue failures: a status, a slow answer, a slow
-drip, a dropped connection), `stats`, `reset`, `config`.
+drip, a dropped connection), `stats`, `reset`, `config`, `release`.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class State:
     log: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=500))
     window: deque[float] = field(default_factory=deque)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    held: list[asyncio.Event] = field(default_factory=list)
 
 
 def error(status: int, message: str, type_: str, headers: dict[str, str] | None = None) -> Response:
@@ -223,7 +225,11 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
                  "total_tokens": len(prompt.split()) + len(words)}
         if data.get("stream") is True and not (gated and (gated.status or gated.drop)):
             pause = float(data.get("mock_chunk_delay_s", 0.05))
-            return StreamingResponse(_events(n, data["model"], words, usage, credits, pause),
+            hold = None
+            if data.get("mock_hold"):
+                hold = asyncio.Event()
+                state.held.append(hold)
+            return StreamingResponse(_events(n, data["model"], words, usage, credits, pause, hold),
                                      media_type="text/event-stream")
         answer = json({
             "id": f"chatcmpl_{n}", "object": "chat.completion", "model": data["model"],
@@ -253,7 +259,16 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
         state.counts.clear()
         state.log.clear()
         state.window.clear()
+        for event in state.held:
+            event.set()
+        state.held.clear()
         return json({"reset": True})
+
+    async def control_release(request: Request) -> Response:
+        for event in state.held:
+            event.set()
+        state.held.clear()
+        return json({"released": True})
 
     async def control_config(request: Request) -> Response:
         for name, value in orjson.loads(await request.body() or b"{}").items():
@@ -270,6 +285,7 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
         Route("/_mock/stats", control_stats, methods=["GET"]),
         Route("/_mock/reset", control_reset, methods=["POST"]),
         Route("/_mock/config", control_config, methods=["POST"]),
+        Route("/_mock/release", control_release, methods=["POST"]),
     ]
     app = Starlette(routes=routes)
     app.state.mock = state
@@ -277,11 +293,13 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
 
 
 async def _events(n: int, model: str, words: list[str], usage: dict[str, int], credits: Any,
-                  pause: float) -> Any:
-    for word in words:
+                  pause: float, hold: asyncio.Event | None) -> Any:
+    for i, word in enumerate(words):
         chunk = {"id": f"chatcmpl_{n}", "object": "chat.completion.chunk", "model": model,
                  "choices": [{"index": 0, "delta": {"content": word + " "}}]}
         yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+        if i == 0 and hold is not None:
+            await hold.wait()
         await asyncio.sleep(pause)
     final = {"id": f"chatcmpl_{n}", "object": "chat.completion.chunk", "model": model,
              "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
