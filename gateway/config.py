@@ -31,8 +31,10 @@ class ConfigError(ValueError):
 
 
 def _check(*, minimum: float | None = None, pattern: re.Pattern[str] | None = None,
-           secret: bool = False, above: float | None = None) -> dict[str, Any]:
-    return {"minimum": minimum, "pattern": pattern, "secret": secret, "above": above}
+           secret: bool = False, above: float | None = None, hint: str | None = None
+           ) -> dict[str, Any]:
+    return {"minimum": minimum, "pattern": pattern, "secret": secret, "above": above,
+            "hint": hint}
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +92,9 @@ class Budget:
 @dataclass(frozen=True, slots=True)
 class Key:
     id: str = field(metadata=_check(pattern=_NAME))
-    sha256: str = field(repr=False, metadata=_check(pattern=_SHA256))
+    sha256: str = field(repr=False, metadata=_check(
+        pattern=_SHA256, secret=True,  # hidden: a key pasted here by mistake must not be echoed
+        hint="64 lowercase hex characters: the sha256 of the key, not the key itself"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +279,8 @@ def _scalar(hint: Any, value: Any, path: str, meta: Mapping[str, Any]) -> Any:
             raise ConfigError(f"{path}: expected a string, got {_kind(value)}")
         pattern = meta.get("pattern")
         if pattern is not None and not pattern.match(value):
+            if meta.get("hint"):
+                raise ConfigError(f"{path}: must be {meta['hint']}")
             raise ConfigError(f"{path}: {_show(value, meta)} is not a valid value")
         return value
     numeric = (int,) if hint is int else (int, float)

@@ -185,7 +185,7 @@ class Mock:
     def reset(self, **settings: Any) -> None:
         self.client.post("/_mock/reset").raise_for_status()
         defaults = {"api_key": UPSTREAM_KEY, "task_delay_s": 0.3, "rate_limit": None,
-                    "record": True}
+                    "rate_window_s": 60.0, "record": True}
         self.client.post("/_mock/config", json={**defaults, **settings}).raise_for_status()
 
     def configure(self, **settings: Any) -> None:
@@ -362,12 +362,19 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 20) -> int:
+        """SIGTERM, then wait for the exit code."""
         if self.process.poll() is None:
             self.process.terminate()
         try:
             return self.process.wait(timeout)
         finally:
             self._log.close()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self._log.close()
 
 
 @pytest.fixture
@@ -381,6 +388,4 @@ def gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
 
     yield start
     for process in started:
-        if process.process.poll() is None:
-            process.process.kill()
-            process.process.wait()
+        process.kill()

@@ -40,7 +40,8 @@ DEFAULT_PRICE = 5
 class Settings:
     api_key: str = "aio_mock_key"
     task_delay_s: float = 2.0
-    rate_limit: int | None = 60  # requests per minute; None = unlimited
+    rate_limit: int | None = 60  # requests per `rate_window_s`; None = unlimited
+    rate_window_s: float = 60.0
     record: bool = True  # keep the last requests for tests to inspect
 
 
@@ -123,10 +124,10 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
             return error(401, "Invalid API key", "authentication_error")
         if s.rate_limit is not None:
             now = time.monotonic()
-            while state.window and state.window[0] <= now - 60:
+            while state.window and state.window[0] <= now - s.rate_window_s:
                 state.window.popleft()
             if len(state.window) >= s.rate_limit:
-                wait = max(1, int(state.window[0] + 60 - now) + 1)
+                wait = max(1, int(state.window[0] + s.rate_window_s - now) + 1)
                 state.counts["429"] += 1
                 return error(429, "Rate limit exceeded", "rate_limit", {"Retry-After": str(wait)})
             state.window.append(now)

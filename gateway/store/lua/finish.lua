@@ -15,7 +15,7 @@ local mode, rid = ARGV[1], ARGV[2]
 local minid = ARGV[14] .. '-0'
 
 local function record(event)
-  redis.call('XADD', KEYS[3], 'MINID', '~', minid, '*', 'e', event)
+  redis.call('XADD', KEYS[3], 'MINID', minid, '*', 'e', event)
 end
 
 local settled, spent, reserved, charged = 0, 0, 0, 0

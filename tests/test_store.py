@@ -1,0 +1,319 @@
+"""One behaviour suite for both stores: the Lua scripts and their Python twin must agree."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.quota import Quota, gcra
+from gateway.store import Store, open_store
+from gateway.store.base import (
+    Admission,
+    CacheRef,
+    Completion,
+    Pace,
+    Reservation,
+    Settle,
+    Verdict,
+)
+
+from .conftest import RedisServer
+
+CONTEXT = orjson.dumps({"team": "t", "key_id": "k", "model": "m", "route": "chat/completions",
+                        "request_id": "r", "cached": False})
+
+
+def run(store_url: str, body: Callable[[Store], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        store = open_store(store_url, prefix="test")
+        await store.connect()
+        try:
+            return await body(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def admission(ticket: str = "t1", **kw: Any) -> Admission:
+    return Admission(team="t", key_id="k", ticket=ticket, hold_ms=10_000, **kw)
+
+
+def reserve(ticket: str, amount: int, period: str = "m2026-11") -> Reservation:
+    return Reservation(ticket, period, amount, CONTEXT)
+
+
+# -- GCRA maths (pure) -----------------------------------------------------------------------
+
+
+def test_gcra_allows_the_limit_then_spaces_requests() -> None:
+    quota = Quota("minute", 3, 60.0)
+    tat = None
+    for remaining in (2, 1, 0):
+        step = gcra(quota, tat, 1000.0)
+        assert step.allowed and step.remaining == remaining
+        tat = step.tat
+    denied = gcra(quota, tat, 1000.0)
+    assert not denied.allowed
+    assert denied.retry_ms == pytest.approx(20_000)  # one slot every 20 s
+    later = gcra(quota, tat, 1000.0 + 20_000)
+    assert later.allowed and later.remaining == 0
+
+
+# -- quotas ------------------------------------------------------------------------------------
+
+
+def test_quota_rolls_over_with_the_window(store_url: str) -> None:
+    quota = Quota("second", 2, 1.0)
+
+    async def body(store: Store) -> None:
+        results = [await store.admit(admission(f"q{i}", quotas=(quota,))) for i in range(3)]
+        assert [r.verdict for r in results] == [Verdict.ADMIT, Verdict.ADMIT, Verdict.QUOTA]
+        assert [r.quotas[0].remaining for r in results] == [1, 0, 0]
+        assert 0 < results[2].retry_after_s <= 0.5
+        await asyncio.sleep(results[2].retry_after_s + 0.02)
+        again = await store.admit(admission("q4", quotas=(quota,)))
+        assert again.verdict is Verdict.ADMIT
+
+    run(store_url, body)
+
+
+def test_quota_is_exact_under_concurrency(store_url: str) -> None:
+    quota = Quota("minute", 25, 60.0)
+
+    async def body(store: Store) -> None:
+        results = await asyncio.gather(*(store.admit(admission(f"c{i}", quotas=(quota,)))
+                                         for i in range(100)))
+        verdicts = [r.verdict for r in results]
+        assert verdicts.count(Verdict.ADMIT) == 25
+        assert verdicts.count(Verdict.QUOTA) == 75
+
+    run(store_url, body)
+
+
+def test_rejected_requests_do_not_consume_quota(store_url: str) -> None:
+    quota = Quota("second", 1, 1.0)
+
+    async def body(store: Store) -> None:
+        assert (await store.admit(admission("a", quotas=(quota,)))).verdict is Verdict.ADMIT
+        for i in range(5):
+            assert (await store.admit(admission(f"b{i}", quotas=(quota,)))).verdict is Verdict.QUOTA
+        await asyncio.sleep(1.05)
+        assert (await store.admit(admission("c", quotas=(quota,)))).verdict is Verdict.ADMIT
+
+    run(store_url, body)
+
+
+# -- budgets -----------------------------------------------------------------------------------
+
+
+def test_budget_holds_exactly_what_fits(store_url: str) -> None:
+    async def body(store: Store) -> None:
+        results = await asyncio.gather(*(
+            store.admit(admission(f"b{i}", reservation=reserve(f"b{i}", 10_000),
+                                  budget_limit=370_000))
+            for i in range(200)))
+        admitted = [r for r in results if r.verdict is Verdict.ADMIT]
+        assert len(admitted) == 37
+        assert all(r.verdict is Verdict.BUDGET for r in results if r.verdict is not Verdict.ADMIT)
+        (usage,) = await store.budgets([("t", "m2026-11")])
+        assert (usage.spent, usage.reserved) == (0, 370_000)
+
+    run(store_url, body)
+
+
+def test_settle_up_down_and_refund(store_url: str) -> None:
+    async def body(store: Store) -> None:
+        for ticket in ("up", "down", "gone"):
+            result = await store.admit(admission(ticket, reservation=reserve(ticket, 10_000),
+                                                 budget_limit=100_000))
+            assert result.verdict is Verdict.ADMIT
+        up = await store.finish(Completion("t", "up", Settle.CHARGE, "up", charge=15_000))
+        down = await store.finish(Completion("t", "down", Settle.CHARGE, "down", charge=2_000))
+        gone = await store.finish(Completion("t", "gone", Settle.REFUND, "gone"))
+        assert (up.charged, down.charged, gone.charged) == (15_000, 2_000, 0)
+        assert (gone.spent, gone.reserved) == (17_000, 0)
+        twice = await store.finish(Completion("t", "up", Settle.CHARGE, "up", charge=15_000))
+        assert not twice.settled  # settling is idempotent
+        events = [orjson.loads(e.event) for e in await store.ledger("t")]
+        assert [(e["kind"], e["credits"], e["reserved"]) for e in events] == [
+            ("charge", 15_000, 10_000), ("charge", 2_000, 10_000), ("refund", 0, 10_000)]
+
+    run(store_url, body)
+
+
+def test_a_new_period_starts_from_zero(store_url: str) -> None:
+    async def body(store: Store) -> None:
+        for i in range(3):
+            await store.admit(admission(f"n{i}", reservation=reserve(f"n{i}", 10_000, "d2026-11-24"),
+                                        budget_limit=30_000))
+        full = await store.admit(admission("n3", reservation=reserve("n3", 10_000, "d2026-11-24"),
+                                           budget_limit=30_000))
+        assert full.verdict is Verdict.BUDGET and full.budget_used == 30_000
+        fresh = await store.admit(admission("n4", reservation=reserve("n4", 10_000, "d2026-11-25"),
+                                            budget_limit=30_000))
+        assert fresh.verdict is Verdict.ADMIT and fresh.budget_used == 10_000
+
+    run(store_url, body)
+
+
+def test_a_task_keeps_its_reservation_until_settled(store_url: str) -> None:
+    async def body(store: Store) -> None:
+        await store.admit(admission("p", reservation=reserve("p", 100_000), budget_limit=10**9))
+        held = await store.finish(Completion("t", "p", Settle.HOLD, "p", hold_id="task:abc",
+                                             hold_ms=60_000, task_owner=("abc", 60_000)))
+        assert held.settled and held.reserved == 100_000
+        (pending,) = await store.reservations("t")
+        assert pending.id == "task:abc" and pending.amount == 100_000
+        poll = await store.admit(admission("poll", task_id="abc"))
+        assert poll.verdict is Verdict.ADMIT
+        settled = await store.finish(Completion("t", "poll", Settle.CHARGE, "task:abc",
+                                                charge=90_000))
+        assert (settled.spent, settled.reserved, settled.charged) == (90_000, 0, 90_000)
+        assert await store.reservations("t") == []
+
+    run(store_url, body)
+
+
+# -- tasks, cache, idempotency -----------------------------------------------------------------
+
+
+def test_task_ownership(store_url: str) -> None:
+    async def body(store: Store) -> None:
+        assert (await store.admit(admission(task_id="nope"))).verdict is Verdict.NOT_FOUND
+        await store.finish(Completion("t", "x", task_owner=("mine", 60_000)))
+        assert (await store.admit(admission(task_id="mine"))).verdict is Verdict.ADMIT
+        other = Admission(team="u", key_id="k", ticket="y", hold_ms=1000, task_id="mine")
+        assert (await store.admit(other)).verdict is Verdict.NOT_FOUND
+
+    run(store_url, body)
+
+
+def test_cache_entry_flight_lock_and_hit(store_url: str) -> None:
+    ref = CacheRef("chat/completions", "d" * 64)
+
+    async def body(store: Store) -> None:
+        lead = await store.admit(admission("lead", cache=ref))
+        follow = await store.admit(admission("follow", cache=ref))
+        assert (lead.verdict, follow.verdict) == (Verdict.ADMIT, Verdict.FOLLOW)
+        assert (await store.flight("t", ref)).held
+        await store.finish(Completion("t", "lead", cache_put=(ref, b"entry", 60_000), release=ref))
+        flight = await store.flight("t", ref)
+        assert flight.entry == b"entry" and 59 < flight.entry_ttl_s <= 60
+        hit = await store.admit(admission("again", cache=ref))
+        assert hit.verdict is Verdict.HIT and hit.entry == b"entry"
+        assert await store.flush_cache(route="chat/completions") == 1
+        assert (await store.admit(admission("after", cache=ref))).verdict is Verdict.ADMIT
+
+    run(store_url, body)
+
+
+def test_only_the_lock_owner_releases_it(store_url: str) -> None:
+    ref = CacheRef("chat/completions", "e" * 64)
+
+    async def body(store: Store) -> None:
+        await store.admit(admission("owner", cache=ref))
+        await store.finish(Completion("t", "intruder", release=ref))
+        assert (await store.flight("t", ref)).held
+        await store.finish(Completion("t", "owner", release=ref))
+        assert not (await store.flight("t", ref)).held
+
+    run(store_url, body)
+
+
+def test_idempotency_states(store_url: str) -> None:
+    async def body(store: Store) -> None:
+        first = await store.admit(admission("i1", idempotency=("key", "fp1")))
+        assert first.verdict is Verdict.ADMIT
+        busy = await store.admit(admission("i2", idempotency=("key", "fp1")))
+        other = await store.admit(admission("i3", idempotency=("key", "fp2")))
+        assert (busy.verdict, other.verdict) == (Verdict.IDEM_BUSY, Verdict.IDEM_MISMATCH)
+        await store.finish(Completion("t", "i1", idempotency=("key", b"answer", 60_000)))
+        replay = await store.admit(admission("i4", idempotency=("key", "fp1")))
+        assert replay.verdict is Verdict.REPLAY and replay.entry == b"answer"
+        # a failed first attempt frees the key for a retry
+        await store.admit(admission("j1", idempotency=("key2", "fp")))
+        await store.finish(Completion("t", "j1", idempotency=("key2", None, 0)))
+        assert (await store.admit(admission("j2", idempotency=("key2", "fp")))).verdict is Verdict.ADMIT
+
+    run(store_url, body)
+
+
+def test_idempotency_lock_expires(store_url: str) -> None:
+    async def body(store: Store) -> None:
+        crashed = Admission(team="t", key_id="k", ticket="c", hold_ms=200, idempotency=("k", "f"))
+        assert (await store.admit(crashed)).verdict is Verdict.ADMIT
+        await asyncio.sleep(0.3)
+        assert (await store.admit(admission("r", idempotency=("k", "f")))).verdict is Verdict.ADMIT
+
+    run(store_url, body)
+
+
+def test_revoked_keys(store_url: str) -> None:
+    async def body(store: Store) -> None:
+        await store.revoke("t", "k", True)
+        assert (await store.admit(admission())).verdict is Verdict.REVOKED
+        assert await store.revoked("t") == {"k"}
+        await store.revoke("t", "k", False)
+        assert (await store.admit(admission())).verdict is Verdict.ADMIT
+
+    run(store_url, body)
+
+
+# -- pacing ------------------------------------------------------------------------------------
+
+
+def test_pacing_books_slots_then_refuses(store_url: str) -> None:
+    pace = Pace(interval_ms=100.0, burst=2, queue_ms=250.0)
+
+    async def body(store: Store) -> None:
+        delays = []
+        for i in range(5):
+            result = await store.admit(admission(f"p{i}", pace=pace))
+            delays.append((result.verdict, result.pace_delay_s, result.retry_after_s))
+        assert [d[0] for d in delays] == [Verdict.ADMIT] * 4 + [Verdict.PACE]
+        assert [round(d[1], 1) for d in delays[:4]] == [0.0, 0.0, 0.1, 0.2]
+        assert delays[4][2] == pytest.approx(0.05, abs=0.02)
+        booked, wait = await store.pace(Pace(100.0, 2, 10_000.0))
+        assert booked and wait == pytest.approx(0.3, abs=0.02)
+
+    run(store_url, body)
+
+
+# -- ledger -------------------------------------------------------------------------------------
+
+
+def test_ledger_pages_and_retention(store_url: str) -> None:
+    async def body(store: Store) -> None:
+        for i in range(5):
+            await store.finish(Completion("t", f"l{i}", ledger=b'{"n": %d}' % i))
+        first = await store.ledger("t", limit=2)
+        rest = await store.ledger("t", after=first[-1].id, limit=10)
+        assert [orjson.loads(e.event)["n"] for e in first + rest] == [0, 1, 2, 3, 4]
+        await asyncio.sleep(0.01)
+        cutoff = int(rest[-1].id.split("-")[0]) + 1  # retention ends just after entry 4
+        await asyncio.sleep(0.01)
+        await store.finish(Completion("t", "l5", ledger=b'{"n": 5}', ledger_min_ms=cutoff))
+        kept = await store.ledger("t")
+        assert [orjson.loads(e.event)["n"] for e in kept] == [5]
+
+    run(store_url, body)
+
+
+def test_redis_down_raises_store_error(private_redis: RedisServer) -> None:
+    from gateway.store import StoreError
+
+    async def body(store: Store) -> None:
+        assert (await store.admit(admission())).verdict is Verdict.ADMIT
+        private_redis.stop()
+        with pytest.raises(StoreError):
+            await store.admit(admission("down"))
+        private_redis.start()
+        # scripts are gone after the restart: they are loaded again on demand
+        assert (await store.admit(admission("back"))).verdict is Verdict.ADMIT
+
+    run(private_redis.url, body)
