@@ -1,9 +1,11 @@
 """Team request quotas: GCRA (generic cell rate algorithm) windows and their headers.
 
-GCRA keeps one number per window, the theoretical arrival time (TAT) of the next request. It
-gives an exact `Retry-After`, has no boundary burst (a fixed window lets 2x the limit through
-around the window edge) and costs one hash field per window, whatever the traffic. The same maths
-runs in `store/lua/admit.lua` on Redis's clock; this module is the reference the memory store uses.
+GCRA gives an exact `Retry-After`, has no boundary burst (a fixed window lets 2x the limit
+through around the window edge) and costs one hash field per window, whatever the traffic.
+Its state is kept as a request debt that drains at `limit / period` (the "leaky bucket as a
+meter" form, equivalent to storing the theoretical arrival time) so that usage so far keeps its
+meaning when a reload changes the limit. The same maths runs in `store/lua/admit.lua` on Redis's
+clock; this module is the reference the memory store uses.
 """
 
 from __future__ import annotations
@@ -34,32 +36,37 @@ class QuotaState:
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """The outcome of one GCRA test at `now`; `tat` is what to store when the request counts."""
+    """The outcome of one GCRA test at `now`; `debt` is what to store when the request counts."""
 
     allowed: bool
-    tat: float
+    debt: float  # requests not yet drained, this one included when it counts
     remaining: int
-    reset_ms: float
+    reset_ms: float  # until the debt has drained away
     retry_ms: float
 
 
-def gcra(quota: Quota, stored_tat: float | None, now_ms: float) -> Step:
-    interval = quota.period_ms / quota.limit
-    tat = now_ms if stored_tat is None or stored_tat < now_ms else stored_tat
-    new_tat = tat + interval
-    allow_at = new_tat - quota.period_ms
-    if allow_at > now_ms:
-        return Step(False, tat, 0, tat - now_ms, allow_at - now_ms)
-    remaining = math.floor((now_ms + quota.period_ms - new_tat) / interval + 1e-9)
-    return Step(True, new_tat, remaining, new_tat - now_ms, 0.0)
+def _drained(quota: Quota, state: tuple[float, float] | None, now_ms: float) -> float:
+    if state is None:
+        return 0.0
+    debt, at_ms = state
+    return max(debt - (now_ms - at_ms) * quota.limit / quota.period_ms, 0.0)
 
 
-def peek(quota: Quota, stored_tat: float | None, now_ms: float) -> Step:
+def gcra(quota: Quota, state: tuple[float, float] | None, now_ms: float) -> Step:
+    """Count one request against `state` = (debt, when it was measured)."""
+    per_ms = quota.limit / quota.period_ms
+    debt = _drained(quota, state, now_ms)
+    if debt + 1 > quota.limit + 1e-9:
+        return Step(False, debt, 0, debt / per_ms, (debt + 1 - quota.limit) / per_ms)
+    debt += 1
+    return Step(True, debt, math.floor(quota.limit - debt + 1e-9), debt / per_ms, 0.0)
+
+
+def peek(quota: Quota, state: tuple[float, float] | None, now_ms: float) -> Step:
     """The window's state without counting a request."""
-    interval = quota.period_ms / quota.limit
-    tat = now_ms if stored_tat is None or stored_tat < now_ms else stored_tat
-    remaining = math.floor((now_ms + quota.period_ms - tat) / interval + 1e-9)
-    return Step(remaining > 0, tat, remaining, tat - now_ms, 0.0)
+    debt = _drained(quota, state, now_ms)
+    remaining = math.floor(quota.limit - debt + 1e-9)
+    return Step(remaining > 0, debt, remaining, debt * quota.period_ms / quota.limit, 0.0)
 
 
 def policy_header(quotas: tuple[Quota, ...]) -> str:

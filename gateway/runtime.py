@@ -68,6 +68,8 @@ class Runtime:
             return await self.store.admit(admission), self.store
         except StoreError:
             self.metrics.store_errors.labels("admit").inc()
+            # the script may still run once the store answers again: make sure it does nothing
+            self.submit(self._cancel(admission))
             if self.policy.config.store.on_error == "closed":
                 raise StoreUnavailable() from None
         self.metrics.store_fallback.inc()
@@ -76,6 +78,18 @@ class Runtime:
             self._warned_at = now
             log.warning("store unreachable: serving without shared limits (store.on_error: open)")
         return await self.fallback.admit(replace(admission, budget_limit=None)), self.fallback
+
+    async def _cancel(self, admission: Admission, *, attempts: int = 40) -> None:
+        delay = 0.25
+        for _ in range(attempts):
+            try:
+                await self.store.cancel(admission)
+                return
+            except StoreError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        log.error("store unreachable: a timed-out admission could not be cancelled",
+                  extra={"fields": {"team": admission.team, "message": "cancel failed"}})
 
     async def finish(self, store: Store, completion: Completion, *, attempts: int = 5) -> None:
         """Bookkeeping with retries: a store blip must not lose a settlement."""

@@ -52,16 +52,25 @@ def reserve(ticket: str, amount: int, period: str = "m2026-11") -> Reservation:
 
 def test_gcra_allows_the_limit_then_spaces_requests() -> None:
     quota = Quota("minute", 3, 60.0)
-    tat = None
+    state = None
     for remaining in (2, 1, 0):
-        step = gcra(quota, tat, 1000.0)
+        step = gcra(quota, state, 1000.0)
         assert step.allowed and step.remaining == remaining
-        tat = step.tat
-    denied = gcra(quota, tat, 1000.0)
+        state = (step.debt, 1000.0)
+    denied = gcra(quota, state, 1000.0)
     assert not denied.allowed
     assert denied.retry_ms == pytest.approx(20_000)  # one slot every 20 s
-    later = gcra(quota, tat, 1000.0 + 20_000)
+    later = gcra(quota, state, 1000.0 + 20_000)
     assert later.allowed and later.remaining == 0
+
+
+def test_usage_keeps_its_meaning_when_the_limit_changes() -> None:
+    state = None
+    for _ in range(2):
+        step = gcra(Quota("minute", 2, 60.0), state, 0.0)
+        state = (step.debt, 0.0)
+    raised = gcra(Quota("minute", 100, 60.0), state, 0.0)
+    assert raised.allowed and raised.remaining == 97
 
 
 # -- quotas ------------------------------------------------------------------------------------

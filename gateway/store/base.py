@@ -35,6 +35,10 @@ class Verdict(enum.IntEnum):
     REVOKED = 8  # key revoked at run time
     IDEM_BUSY = 9  # same Idempotency-Key still in flight
     IDEM_MISMATCH = 10  # same Idempotency-Key, another body
+    CANCELLED = 11  # `cancel` ran first for this ticket: nothing was done
+
+
+CANCEL_TTL_MS = 10 * 60 * 1000  # how long a cancelled ticket's tombstone stays
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +167,7 @@ class Store(Protocol):
 
     async def admit(self, admission: Admission) -> AdmitResult: ...
     async def finish(self, completion: Completion) -> Settled: ...
+    async def cancel(self, admission: Admission) -> None: ...
     async def pace(self, pace: Pace) -> tuple[bool, float]: ...
     async def flight(self, team: str, ref: CacheRef) -> Flight: ...
 

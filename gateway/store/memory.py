@@ -18,6 +18,7 @@ import orjson
 from .. import quota as gcra
 from ..quota import QuotaState
 from .base import (
+    CANCEL_TTL_MS,
     Admission,
     AdmitResult,
     BudgetUsage,
@@ -118,9 +119,9 @@ class MemoryStore:
     async def admit(self, a: Admission) -> AdmitResult:
         kv, k, now = self._kv, self.keys, self._now_ms()
         quota_key = k.team(a.team, "quota")
-        tats = kv.hash(quota_key)
+        debts = kv.hash(quota_key)
         steps = [
-            (gcra.gcra if a.count_quota else gcra.peek)(q, tats.get(q.name), now)
+            (gcra.gcra if a.count_quota else gcra.peek)(q, debts.get(q.name), now)
             for q in a.quotas
         ]
         states = tuple(QuotaState(q, s.remaining, math.ceil(s.reset_ms) / 1000.0)
@@ -132,8 +133,8 @@ class MemoryStore:
         def count() -> None:
             if a.count_quota and a.quotas:
                 for q, s in zip(a.quotas, steps, strict=True):
-                    tats[q.name] = s.tat
-                kv.expire(quota_key, max(s.tat for s in steps) - now + 1000)
+                    debts[q.name] = (s.debt, now)
+                kv.expire(quota_key, max(s.reset_ms for s in steps) + 1000)
 
         idem_key = k.idempotency(a.team, a.idempotency[0]) if a.idempotency else ""
 
@@ -142,6 +143,8 @@ class MemoryStore:
                 kv.set(idem_key, {"fp": a.idempotency[1], "state": "busy", "owner": a.ticket},
                        a.hold_ms)
 
+        if kv.get(k.team(a.team, f"void:{a.ticket}")) is not None:
+            return result(Verdict.CANCELLED)
         if a.key_id in (kv.get(k.team(a.team, "revoked")) or ()):
             return result(Verdict.REVOKED)
         if a.idempotency:
@@ -198,6 +201,25 @@ class MemoryStore:
             if used is not None:
                 used += r.amount
         return result(Verdict.ADMIT, pace_delay_s=delay, budget_used=used)
+
+    async def cancel(self, a: Admission) -> None:
+        kv, k = self._kv, self.keys
+        kv.set(k.team(a.team, f"void:{a.ticket}"), b"1", CANCEL_TTL_MS)
+        if a.reservation is not None:
+            held = kv.hash(k.team(a.team, "resv")).pop(a.reservation.id, None)
+            if held is not None:
+                r = parse_reservation(a.reservation.id, held)
+                budget = kv.hash(k.team(a.team, "budget"))
+                budget[f"reserved:{r.period}"] = budget.get(f"reserved:{r.period}", 0) - r.amount
+        if a.cache is not None:
+            lock = k.cache(a.team, a.cache)[1]
+            if kv.get(lock) == a.ticket:
+                kv.delete(lock)
+        if a.idempotency is not None:
+            idem_key = k.idempotency(a.team, a.idempotency[0])
+            seen = kv.get(idem_key)
+            if seen is not None and seen["owner"] == a.ticket:
+                kv.delete(idem_key)
 
     def _book(self, pace: Pace, now: float) -> tuple[bool, float]:
         key = self.keys.org("pace")

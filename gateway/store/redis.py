@@ -12,6 +12,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from .base import (
+    CANCEL_TTL_MS,
     Admission,
     AdmitResult,
     BudgetUsage,
@@ -29,7 +30,7 @@ from .keys import Keys
 from .records import admit_args, parse_admit, parse_reservation
 
 T = TypeVar("T")
-_SCRIPTS = ("admit", "finish", "pace", "flight")
+_SCRIPTS = ("admit", "finish", "pace", "flight", "cancel")
 
 
 def _source(name: str) -> str:
@@ -93,9 +94,23 @@ class RedisStore:
             k.team(a.team, "budget"),
             k.team(a.team, "resv"),
             k.org("pace"),
+            k.team(a.team, f"void:{a.ticket}"),
         ]
         raw = await self._run("admit", keys, admit_args(a))
         return parse_admit(a, raw)
+
+    async def cancel(self, a: Admission) -> None:
+        k = self.keys
+        flight_key = k.cache(a.team, a.cache)[1] if a.cache else k.team(a.team, "flight")
+        keys = [
+            k.team(a.team, f"void:{a.ticket}"),
+            k.team(a.team, "resv"),
+            k.team(a.team, "budget"),
+            flight_key,
+            k.idempotency(a.team, a.idempotency[0]) if a.idempotency else k.team(a.team, "idem"),
+        ]
+        args = [a.ticket, a.reservation.id if a.reservation else "", CANCEL_TTL_MS]
+        await self._run("cancel", keys, args)
 
     async def finish(self, c: Completion) -> Settled:
         k = self.keys

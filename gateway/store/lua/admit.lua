@@ -4,6 +4,7 @@
 --
 -- KEYS  1 revoked set   2 quota hash    3 idempotency hash   4 task owner   5 cache entry
 --       6 flight lock   7 budget hash   8 reservations hash  9 upstream pacing
+--      10 tombstone of this ticket (see cancel.lua)
 -- ARGV  1 key id        2 ticket        3 hold ms            4 count quota (1/0)
 --       5 idempotency fingerprint ('' = none)                6 check task owner (1/0)
 --       7 cache lookup (1/0)            8 reservation id ('' = none)
@@ -13,8 +14,8 @@
 -- Returns {verdict, now ms, retry ms, pace delay ms, budget used or -1, entry or false,
 --          entry ttl ms, then (remaining, reset ms) per quota}
 
-local ADMIT, HIT, FOLLOW, REPLAY, QUOTA, BUDGET, PACE, NOT_FOUND, REVOKED, IDEM_BUSY, IDEM_MISMATCH =
-  0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+local ADMIT, HIT, FOLLOW, REPLAY, QUOTA, BUDGET, PACE, NOT_FOUND, REVOKED, IDEM_BUSY, IDEM_MISMATCH,
+      CANCELLED = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
 
 local key_id, ticket, hold = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local count_quota = ARGV[4] == '1'
@@ -38,32 +39,37 @@ local function reply(verdict, retry, delay, used, entry, ttl, states)
   return out
 end
 
--- quota windows (GCRA): compute now, store only when the request counts
-local states, new_tats, quota_ok, quota_retry = {}, {}, true, 0
+-- quota windows (GCRA, kept as a request debt draining at limit/period, see quota.py):
+-- computed now, stored only when the request counts
+local states, debts, quota_ok, quota_retry = {}, {}, true, 0
 if nq > 0 then
   local stored = redis.call('HMGET', KEYS[2], unpack(names))
   for q = 1, nq do
     local limit, period = quotas[q][2], quotas[q][3]
-    local interval = period / limit
-    local tat = tonumber(stored[q]) or now
-    if tat < now then tat = now end
-    if count_quota then
-      local new_tat = tat + interval
-      local allow_at = new_tat - period
-      if allow_at > now then
-        quota_ok = false
-        if allow_at - now > quota_retry then quota_retry = allow_at - now end
-        states[q] = {0, tat - now}
-      else
-        new_tats[q] = new_tat
-        states[q] = {math.floor((now + period - new_tat) / interval + 1e-9), new_tat - now}
-      end
+    local per_ms = limit / period
+    local debt = 0
+    if stored[q] then
+      local d, at = string.match(stored[q], '^([^|]+)|(.+)$')
+      debt = tonumber(d) - (now - tonumber(at)) * per_ms
+      if debt < 0 then debt = 0 end
+    end
+    if not count_quota then
+      states[q] = {math.floor(limit - debt + 1e-9), debt / per_ms}
+    elseif debt + 1 > limit + 1e-9 then
+      quota_ok = false
+      local retry = (debt + 1 - limit) / per_ms
+      if retry > quota_retry then quota_retry = retry end
+      states[q] = {0, debt / per_ms}
     else
-      states[q] = {math.floor((now + period - tat) / interval + 1e-9), tat - now}
+      debts[q] = debt + 1
+      states[q] = {math.floor(limit - debt - 1 + 1e-9), (debt + 1) / per_ms}
     end
   end
 end
 
+if redis.call('EXISTS', KEYS[10]) == 1 then
+  return reply(CANCELLED, 0, 0, nil, nil, 0, states)
+end
 if redis.call('SISMEMBER', KEYS[1], key_id) == 1 then
   return reply(REVOKED, 0, 0, nil, nil, 0, states)
 end
@@ -73,8 +79,8 @@ local function count()
   local args, longest = {}, 0
   for q = 1, nq do
     args[#args + 1] = names[q]
-    args[#args + 1] = string.format('%.3f', new_tats[q])
-    if new_tats[q] - now > longest then longest = new_tats[q] - now end
+    args[#args + 1] = string.format('%.6f|%d', debts[q], now)
+    if states[q][2] > longest then longest = states[q][2] end
   end
   redis.call('HSET', KEYS[2], unpack(args))
   redis.call('PEXPIRE', KEYS[2], math.ceil(longest) + 1000)

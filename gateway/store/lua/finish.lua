@@ -20,11 +20,8 @@ end
 
 local settled, spent, reserved, charged = 0, 0, 0, 0
 if mode ~= '' then
-  local held = redis.call('HGET', KEYS[1], rid)
-  if held then
-    local _, period, amount, context = string.match(held, '^(%d+)|([^|]*)|(%d+)|(.*)$')
-    amount = tonumber(amount)
-    redis.call('HDEL', KEYS[1], rid)
+  local period, amount, context = take_reservation(KEYS[1], rid)
+  if period then
     if mode == 'hold' then
       redis.call('HSET', KEYS[1], ARGV[4],
                  tostring(now + tonumber(ARGV[5])) .. '|' .. period .. '|' .. amount .. '|' .. context)

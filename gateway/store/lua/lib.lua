@@ -15,3 +15,12 @@ local function pace(key, interval, burst, queue)
              'PX', math.ceil(tat + interval - now + burst * interval) + 1000)
   return true, delay
 end
+
+-- Remove a reservation; returns its period, amount and ledger context, or nil if it is gone.
+local function take_reservation(key, id)
+  local held = redis.call('HGET', key, id)
+  if not held then return nil end
+  redis.call('HDEL', key, id)
+  local _, period, amount, context = string.match(held, '^(%d+)|([^|]*)|(%d+)|(.*)$')
+  return period, tonumber(amount), context
+end
