@@ -143,8 +143,8 @@ async def metrics(request: Request) -> Response:
 async def refresh_budget_gauges(runtime: Runtime) -> None:
     """Budgets are shared state: read them from the store so every replica reports the same."""
     now = runtime.clock()
-    teams = [(name, t) for name, t in runtime.policy.teams.items() if t.budget is not None]
-    periods = [(name, period_id(t.budget.period, now)) for name, t in teams if t.budget]
+    periods = [(name, period_id(t.budget.period, now))
+               for name, t in runtime.policy.teams.items() if t.budget is not None]
     if not periods:
         return
     try:
@@ -154,6 +154,8 @@ async def refresh_budget_gauges(runtime: Runtime) -> None:
         return
     for (name, period), used in zip(periods, usage, strict=True):
         runtime.budget_seen(name, period, used.spent + used.reserved)
+        budget = runtime.policy.config.teams[name].budget
+        runtime.metrics.budget_limit.labels(name).set(budget.credits if budget else 0)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

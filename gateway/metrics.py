@@ -68,6 +68,9 @@ class Metrics:
             "gateway_budget_remaining_credits",
             "Credits left in the team's current budget period (from the shared store).",
             ["team"], multiprocess_mode="mostrecent", registry=registry)
+        self.budget_limit = Gauge(
+            "gateway_budget_limit_credits", "The team's budget for one period (from the config).",
+            ["team"], multiprocess_mode="mostrecent", registry=registry)
         self.inflight = Gauge(
             "gateway_inflight_requests", "Requests being answered right now.",
             multiprocess_mode="livesum", registry=registry)
