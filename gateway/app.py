@@ -57,6 +57,7 @@ def create_app(
     upstream: Upstream | None = None,
     clock: Callable[[], float] = time.time,
     reconcile_interval_s: float = 30.0,
+    task_check_s: float = 600.0,
 ) -> Gateway:
     store = store or open_store(config.store.url, prefix=config.store.key_prefix,
                                 timeout_s=config.store.timeout_s, clock=clock)
@@ -66,6 +67,7 @@ def create_app(
         upstream=upstream or Upstream(config.upstream),
         metrics=Metrics(),
         clock=clock,
+        task_check_s=task_check_s,
     )
 
     @contextlib.asynccontextmanager

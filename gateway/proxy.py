@@ -64,7 +64,7 @@ from .store.base import (
     Verdict,
 )
 from .store.keys import digest as key_digest
-from .tasks import TASK_CHECK_MS, task_outcome
+from .tasks import task_outcome
 from .upstream import request_headers, response_headers
 
 PREFIX = "/api/v1/"
@@ -425,7 +425,7 @@ class Proxy:
         if r is not None:
             completion = Completion(
                 team=a.team, ticket=a.ticket, settle=settle, reservation_id=r.id,
-                period=r.period, charge=charge, hold_id=hold_id, hold_ms=TASK_CHECK_MS,
+                period=r.period, charge=charge, hold_id=hold_id, hold_ms=self.rt.task_check_ms,
             )
         elif outcome is not None and outcome.final and req.task_id is not None:
             # a poll that sees a task finish settles what its creation reserved

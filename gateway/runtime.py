@@ -24,8 +24,10 @@ log = logging.getLogger("gateway")
 
 class Runtime:
     def __init__(self, policy: Policy, *, store: Store, upstream: Upstream, metrics: Metrics,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, task_check_s: float = 600.0) -> None:
         self.policy = policy
+        # a task's reservation waits this long for a poll to settle it before the reconciler asks
+        self.task_check_ms = int(task_check_s * 1000)
         self.store = store
         self.upstream = upstream
         self.metrics = metrics

@@ -25,7 +25,6 @@ from .store.base import Completion, PendingReservation, Settle
 
 FINAL = frozenset({"completed", "succeeded", "failed", "error", "cancelled"})
 FAILED = frozenset({"failed", "error", "cancelled"})
-TASK_CHECK_MS = 10 * 60 * 1000  # a held task is asked about upstream after this long
 
 _CREDITS = re.compile(rb'"credits_consumed"\s*:\s*([0-9][0-9.eE+-]*)')
 log = logging.getLogger("gateway.tasks")
@@ -127,7 +126,7 @@ class Reconciler:
             return None
         outcome = task_outcome("GET", f"tasks/{task_id}", task_id, response.content)
         if not outcome.final:
-            return replace(base, settle=Settle.HOLD, hold_id=r.id, hold_ms=TASK_CHECK_MS)
+            return replace(base, settle=Settle.HOLD, hold_id=r.id, hold_ms=self.rt.task_check_ms)
         if outcome.failed:
             return replace(base, settle=Settle.REFUND)
         return replace(base, settle=Settle.CHARGE, charge=outcome.charge)
