@@ -88,6 +88,7 @@ def create_app(
             await runtime.drain(runtime.policy.config.listen.shutdown_grace_s)
             await runtime.upstream.aclose()
             await runtime.store.close()
+            runtime.metrics.close()
 
     site = Starlette(
         routes=[

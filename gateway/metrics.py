@@ -82,6 +82,11 @@ class Metrics:
             "Requests served without the shared store (store.on_error: open).",
             registry=registry)
 
+    def close(self) -> None:
+        """A worker that stops takes its live gauges (in-flight) out of the sums."""
+        if self._multiprocess:
+            mp.mark_process_dead(os.getpid())
+
     def render(self) -> bytes:
         if self._registry is not None:
             return generate_latest(self._registry)
