@@ -74,10 +74,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from .app import CONFIG_ENV
-    from .server import HttpProtocol
+    from .server import serve
 
     config = cfg.load(args.config)
     os.environ[CONFIG_ENV] = os.path.abspath(args.config)
@@ -87,20 +85,12 @@ def _serve(args: argparse.Namespace) -> int:
                   "with --workers > 1", file=sys.stderr)
             return 2
         _multiprocess_metrics_dir()
-    uvicorn.run(
-        "gateway.app:create_app_from_env",
-        factory=True,
+    return serve(
         host=args.host or config.listen.host,
         port=args.port if args.port is not None else config.listen.port,
         workers=args.workers,
-        loop="uvloop",
-        http=HttpProtocol,
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        timeout_graceful_shutdown=int(config.listen.shutdown_grace_s),
+        grace_s=config.listen.shutdown_grace_s,
     )
-    return 0
 
 
 def _multiprocess_metrics_dir() -> None:

@@ -1,20 +1,28 @@
-"""uvicorn's httptools protocol, with a bound on the request head and its last-resort 400 in the
-upstream's error shape.
+"""Running the gateway under uvicorn.
 
-Requests the HTTP parser cannot read (an unknown method token, CR/LF in a header) never reach the
-ASGI app; uvicorn answers them itself in plain text, and with httptools it accepts a URL and
-headers of any size. This subclass keeps uvicorn's behaviour, caps the head at `MAX_HEAD_BYTES`
-(as nginx's large_client_header_buffers does) and answers both cases in the error shape.
+`HttpProtocol`: requests the HTTP parser cannot read (an unknown method token, CR/LF in a header)
+never reach the ASGI app; uvicorn answers them itself in plain text, and with httptools it
+accepts a URL and headers of any size. This subclass keeps uvicorn's behaviour, caps the head at
+`MAX_HEAD_BYTES` (as nginx's large_client_header_buffers does) and answers in the error shape.
+
+`Server`: on SIGTERM uvicorn stops accepting, lets in-flight requests finish (up to the grace
+period) and runs the app's shutdown, which settles their charges; it then raises the signal
+again, so the process would end with status 143. A gateway that finished its work exits 0.
 """
 
 from __future__ import annotations
 
 import os
+from types import FrameType
 
 import httptools
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors import Multiprocess
 
 from .errors import error_body
+
+APP = "gateway.app:create_app_from_env"
 
 MAX_HEAD_BYTES = 32 * 1024
 
@@ -61,3 +69,24 @@ class HttpProtocol(HttpToolsProtocol):
         ]
         self.transport.write(b"".join(head))
         self.transport.close()
+
+
+class Server(uvicorn.Server):
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
+
+
+def serve(*, host: str, port: int, workers: int, grace_s: float) -> int:
+    """Serve until SIGTERM or SIGINT; the exit status is 0 after a graceful shutdown."""
+    config = uvicorn.Config(
+        APP, factory=True, host=host, port=port, workers=workers, loop="uvloop",
+        http=HttpProtocol, log_config=None, access_log=False, server_header=False,
+        timeout_graceful_shutdown=int(grace_s),
+    )
+    if workers > 1:
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return 0
+    server = Server(config)
+    server.run()
+    return 0 if server.started else 3
