@@ -1,0 +1,105 @@
+{{/* Chart name, truncated to the 63 characters of a DNS label. */}}
+{{- define "aio-gateway.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified app name: the release name, prefixed to the chart name unless it holds it. */}}
+{{- define "aio-gateway.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "aio-gateway.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "aio-gateway.labels" -}}
+helm.sh/chart: {{ include "aio-gateway.chart" . }}
+{{ include "aio-gateway.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* Labels that select the gateway's pods. */}}
+{{- define "aio-gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "aio-gateway.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* The Secret and key that hold the upstream key. */}}
+{{- define "aio-gateway.apiKeySecretName" -}}
+{{- .Values.upstream.existingSecret | default (include "aio-gateway.fullname" .) }}
+{{- end }}
+
+{{- define "aio-gateway.apiKeySecretKey" -}}
+{{- if .Values.upstream.existingSecret }}
+{{- .Values.upstream.existingSecretKey }}
+{{- else -}}
+api-key
+{{- end }}
+{{- end }}
+
+{{/*
+store.url for the rendered config: the Redis URL from a Secret (through the environment), else
+redis.url, else the config's own store.url, else memory://.
+*/}}
+{{- define "aio-gateway.storeUrl" -}}
+{{- if .Values.redis.existingSecret -}}
+${AIO_GATEWAY_REDIS_URL}
+{{- else if .Values.redis.url }}
+{{- .Values.redis.url }}
+{{- else }}
+{{- dig "store" "url" "memory://" .Values.config }}
+{{- end }}
+{{- end }}
+
+{{/*
+Refuse combinations that cannot work: several pods or workers on the per-process memory://
+store, an upstream key in the config itself, no upstream key at all.
+*/}}
+{{- define "aio-gateway.validate" -}}
+{{- $memory := hasPrefix "memory://" (include "aio-gateway.storeUrl" .) }}
+{{- if and $memory (or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled) }}
+{{- fail "replicaCount > 1 and autoscaling need a shared store: set redis.url (or redis.existingSecret); memory:// keeps quotas, budgets and the cache inside one process" }}
+{{- end }}
+{{- if and $memory (gt (int .Values.workers) 1) }}
+{{- fail "workers > 1 needs a shared store: set redis.url (or redis.existingSecret)" }}
+{{- end }}
+{{- if hasKey (.Values.config.upstream | default dict) "api_key" }}
+{{- fail "config.upstream.api_key must not be set: the chart renders ${APIINONE_API_KEY}; give the key in upstream.apiKey or upstream.existingSecret" }}
+{{- end }}
+{{- if and (not .Values.upstream.apiKey) (not .Values.upstream.existingSecret) }}
+{{- fail "set upstream.apiKey (the chart creates a Secret) or upstream.existingSecret (a Secret you manage)" }}
+{{- end }}
+{{- end }}
+
+{{/* The gateway's config file: the `config` value with store.url and upstream.api_key set. */}}
+{{- define "aio-gateway.config" -}}
+{{- $config := deepCopy (.Values.config | default dict) }}
+{{- $upstream := deepCopy (get $config "upstream" | default dict) }}
+{{- $_ := set $upstream "api_key" "${APIINONE_API_KEY}" }}
+{{- $_ := set $config "upstream" $upstream }}
+{{- $store := deepCopy (get $config "store" | default dict) }}
+{{- $_ := set $store "url" (include "aio-gateway.storeUrl" .) }}
+{{- $_ := set $config "store" $store }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/* Seconds Kubernetes waits after SIGTERM: preStop sleep + the gateway's drain + a margin. */}}
+{{- define "aio-gateway.terminationGracePeriod" -}}
+{{- $grace := dig "listen" "shutdown_grace_s" 30 .Values.config | ceil | int }}
+{{- add $grace (int .Values.preStopSleepSeconds) 10 }}
+{{- end }}
+
+{{- define "aio-gateway.port" -}}
+{{- dig "listen" "port" 8080 .Values.config | int }}
+{{- end }}
