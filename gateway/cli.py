@@ -79,11 +79,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = cfg.load(args.config)
     os.environ[CONFIG_ENV] = os.path.abspath(args.config)
-    if args.workers > 1:
-        if config.store.url.startswith("memory://"):
-            print("config error: store.url: memory:// keeps state in one process; use Redis "
-                  "with --workers > 1", file=sys.stderr)
-            return 2
+    if args.workers > 1 and config.store.url.startswith("memory://"):
+        print("config error: store.url: memory:// keeps state in one process; use Redis "
+              "with --workers > 1", file=sys.stderr)
+        return 2
+    if args.workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         _multiprocess_metrics_dir()
     return serve(
         host=args.host or config.listen.host,

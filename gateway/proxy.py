@@ -166,7 +166,8 @@ class Proxy:
         self.rt.budget_seen(team.name, req.admission.reservation.period
                             if req.admission.reservation else None, result.budget_used)
 
-        for _ in range(_FOLLOW_ATTEMPTS):
+        followed_before = 0
+        while True:
             verdict = result.verdict
             if verdict is Verdict.ADMIT:
                 if req.stream:
@@ -184,11 +185,13 @@ class Proxy:
             followed = await self._follow(req, store)
             if followed is not None:
                 return self._coalesced(req, followed, store, ex)
+            followed_before += 1
+            if followed_before >= _FOLLOW_ATTEMPTS:
+                raise UpstreamUnavailable(
+                    "The upstream answer for this request could not be obtained.", status=503)
             # the leader gave up without an answer: ask again, without counting the quota twice
             req.admission = replace(req.admission, count_quota=False)
             result, store = await self.rt.admit(req.admission)
-        raise UpstreamUnavailable("The upstream answer for this request could not be obtained.",
-                                  status=503)
 
     def _prepare(self, policy: Policy, team: TeamPolicy, scope: Scope, head: _Head,
                  body: bytes, path: str, key_id: str, ex: Exchange) -> Prepared:
