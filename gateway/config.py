@@ -321,7 +321,9 @@ def _validate(config: Config) -> None:
             seen_id[key.id] = where
     if not config.upstream.base_url.startswith(("http://", "https://")):
         raise ConfigError("upstream.base_url: must start with http:// or https://")
-    if not config.store.url.startswith(("memory://", "redis://", "rediss://", "redis+")):
+    if not config.store.url.startswith(("memory://", "redis://", "rediss://", "unix://",
+                                        "redis+sentinel://", "rediss+sentinel://",
+                                        "redis+cluster://", "rediss+cluster://")):
         raise ConfigError(f"store.url: unsupported scheme in {config.store.url.split('://')[0]!r}")
     for name in config.teams:
         if not _NAME.match(name):

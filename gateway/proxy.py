@@ -553,6 +553,9 @@ class Proxy:
         if verdict is Verdict.REVOKED:
             ex.reason = "revoked"
             return AuthenticationError("Missing or invalid API key.")
+        if verdict is Verdict.CANCELLED:  # this request's earlier store call timed out
+            ex.reason = "store"
+            return StoreUnavailable()
         ex.reason = "idempotency"
         if verdict is Verdict.IDEM_BUSY:
             return IdempotencyConflict(

@@ -129,6 +129,81 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class RedisClusterServers:
+    """Three masters started with `--cluster-enabled yes` and joined by `redis-cli --cluster`."""
+
+    def __init__(self) -> None:
+        self.nodes = [RedisServer("--cluster-enabled", "yes", "--cluster-node-timeout", "5000",
+                                  "--cluster-config-file", "nodes.conf",
+                                  "--cluster-port", str(free_port()))  # not port + 10000
+                      for _ in range(3)]
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            ["redis-cli", "--cluster", "create",
+             *(f"127.0.0.1:{node.port}" for node in self.nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, check=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while not all("cluster_state:ok" in n.cli("CLUSTER", "INFO") for n in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the test cluster did not come up")
+            time.sleep(0.1)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def flush(self) -> None:
+        for node in self.nodes:
+            node.cli("FLUSHALL")
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+class SentinelServers:
+    """A master and one Sentinel watching it as `aio`."""
+
+    def __init__(self) -> None:
+        self.master = RedisServer()
+        self.master.start()
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="aio-sentinel-")
+        conf = Path(self.dir) / "sentinel.conf"
+        conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                        f"sentinel monitor aio 127.0.0.1 {self.master.port} 1\n"
+                        "sentinel down-after-milliseconds aio 1000\n")
+        self.process = subprocess.Popen(["redis-server", str(conf), "--sentinel"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/aio/0"
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.master.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    cluster = RedisClusterServers()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[SentinelServers]:
+    sentinel = SentinelServers()
+    yield sentinel
+    sentinel.close()
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer()

@@ -21,7 +21,25 @@ from gateway.store.base import (
     Verdict,
 )
 
-from .conftest import RedisServer
+from .conftest import RedisClusterServers, RedisServer, SentinelServers
+
+
+@pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """The behaviour suite also runs on a 3-master Redis Cluster and through Sentinel."""
+    if request.param == "memory":
+        return "memory://"
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        server.cli("FLUSHALL")
+        return server.url
+    if request.param == "cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        return cluster.url
+    sentinel: SentinelServers = request.getfixturevalue("redis_sentinel")
+    sentinel.master.cli("FLUSHALL")
+    return sentinel.url
 
 CONTEXT = orjson.dumps({"team": "t", "key_id": "k", "model": "m", "route": "chat/completions",
                         "request_id": "r", "cached": False})
@@ -269,6 +287,37 @@ def test_revoked_keys(store_url: str) -> None:
         assert await store.revoked("t") == {"k"}
         await store.revoke("t", "k", False)
         assert (await store.admit(admission())).verdict is Verdict.ADMIT
+
+    run(store_url, body)
+
+
+def test_shared_cache_pacing_and_team_keys_together(store_url: str) -> None:
+    """On a cluster these live in three hash slots; the outcome must be the same everywhere."""
+    ref = CacheRef("chat/completions", "f" * 64, shared=True)
+    pace = Pace(interval_ms=50.0, burst=1, queue_ms=0.0)
+    quota = Quota("minute", 100, 60.0)
+
+    async def body(store: Store) -> None:
+        lead = await store.admit(admission("lead", cache=ref, pace=pace, quotas=(quota,),
+                                           reservation=reserve("lead", 10_000),
+                                           budget_limit=100_000))
+        assert lead.verdict is Verdict.ADMIT and lead.pace_delay_s == 0
+        follow = await store.admit(Admission(team="u", key_id="k2", ticket="f", hold_ms=10_000,
+                                             cache=ref, quotas=(quota,)))
+        assert follow.verdict is Verdict.FOLLOW  # another team, same shared entry
+        paced = await store.admit(admission("paced", pace=pace, quotas=(quota,),
+                                            reservation=reserve("paced", 10_000),
+                                            budget_limit=100_000))
+        assert paced.verdict is Verdict.PACE  # the slot is taken and the queue is 0 ms long
+        (usage,) = await store.budgets([("t", "m2026-11")])
+        assert usage.reserved == 10_000  # the refused request holds nothing
+        await store.finish(Completion("t", "lead", Settle.CHARGE, "lead", charge=3_000,
+                                      cache_put=(ref, b"shared entry", 60_000), release=ref))
+        hit = await store.admit(Admission(team="u", key_id="k2", ticket="h", hold_ms=10_000,
+                                          cache=ref, quotas=(quota,)))
+        assert hit.verdict is Verdict.HIT and hit.entry == b"shared entry"
+        assert hit.quotas[0].remaining == 98  # the follower and the hit both counted
+        assert await store.flush_cache() == 1
 
     run(store_url, body)
 

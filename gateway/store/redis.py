@@ -1,13 +1,19 @@
-"""The Redis store: shared by every replica; each operation is one Lua script called by SHA."""
+"""The Redis store: shared by every replica; each operation is one Lua script called by SHA.
+
+URLs: `redis://` and `rediss://` (one server), `redis+sentinel://[:password@]h1:26379,h2:26379/
+<service>[/db]` (the master Sentinel names), `redis+cluster://[:password@]h1:6379,h2:6379`
+(Redis Cluster; see `cluster.py`). A `rediss+` scheme adds TLS to the last two.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
-import redis.asyncio as aioredis
-from redis.asyncio.client import Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
+from redis.asyncio.cluster import ClusterNode
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
@@ -30,7 +36,41 @@ from .keys import Keys
 from .records import admit_args, parse_admit, parse_reservation
 
 T = TypeVar("T")
-_SCRIPTS = ("admit", "finish", "pace", "flight", "cancel")
+Client = Redis | RedisCluster
+MAX_CONNECTIONS = 1024  # per process (per node on a cluster); Redis allows 10000 clients
+
+
+def client_from_url(url: str, *, timeout_s: float) -> tuple[Client, list[Redis]]:
+    """A redis-py asyncio client for any of the URL forms above, and the Sentinel connections
+    to close with it (the password never reaches a log or an error)."""
+    timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    scheme, _, rest = url.partition("://")
+    if scheme not in ("redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster"):
+        # a bounded pool that waits for a free connection (up to the store timeout) rather than
+        # failing when a burst of requests wants more connections than it has
+        pool = BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS,
+                                               timeout=timeout_s, health_check_interval=30,
+                                               **timeouts)
+        return Redis.from_pool(pool), []  # from_pool: closing the client closes the pool
+    credentials, _, location = rest.rpartition("@")
+    username, _, password = credentials.partition(":")
+    hosts_part, _, path = location.partition("/")
+    hosts = []
+    for host in hosts_part.split(","):
+        name, _, port = host.rpartition(":")
+        hosts.append((name, int(port)))
+    auth = {"username": unquote(username) or None, "password": unquote(password) or None,
+            "ssl": scheme.startswith("rediss")}
+    if scheme.endswith("+cluster"):
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in hosts],
+                            max_connections=MAX_CONNECTIONS, **auth, **timeouts), []
+    service, _, db = path.partition("/")
+    sentinel = Sentinel(hosts, sentinel_kwargs={**timeouts, "password": auth["password"],
+                                                "max_connections": MAX_CONNECTIONS},
+                        **timeouts)
+    master = sentinel.master_for(service, db=int(db or 0), max_connections=MAX_CONNECTIONS,
+                                 **auth)
+    return master, list(sentinel.sentinels)
 
 
 def _source(name: str) -> str:
@@ -39,22 +79,19 @@ def _source(name: str) -> str:
 
 
 class RedisStore:
-    def __init__(self, url: str, *, prefix: str = "aio", timeout_s: float = 1.0) -> None:
+    scripts = ("admit", "finish", "pace", "flight", "cancel")
+
+    def __init__(self, client: Client, *, prefix: str = "aio",
+                 also_close: Sequence[Redis] = ()) -> None:
         self.keys = Keys(prefix)
-        self._redis: Redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            health_check_interval=30,
-            max_connections=512,
-        )
+        self._redis = client
+        self._also_close = also_close
         self._scripts: dict[str, AsyncScript] = {
-            name: self._redis.register_script(_source(name)) for name in _SCRIPTS
+            name: client.register_script(_source(name)) for name in self.scripts
         }
 
     def __repr__(self) -> str:
-        kwargs = self._redis.connection_pool.connection_kwargs
-        return f"RedisStore(host={kwargs.get('host')!r}, port={kwargs.get('port')!r})"
+        return f"{type(self).__name__}(prefix={self.keys.prefix!r})"
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -73,6 +110,8 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        for client in self._also_close:
+            await client.aclose()
 
     async def ping(self) -> None:
         await self._call(self._redis.ping)
@@ -80,6 +119,9 @@ class RedisStore:
     async def now(self) -> float:
         seconds, micros = await self._call(self._redis.time)
         return float(seconds) + micros / 1e6
+
+    # Unused KEYS slots get a name in the team's own hash slot: the script never touches them,
+    # and Redis Cluster then sees every key of the call in one slot.
 
     async def admit(self, a: Admission) -> AdmitResult:
         k = self.keys
@@ -93,7 +135,7 @@ class RedisStore:
             flight_key or k.team(a.team, "flight"),
             k.team(a.team, "budget"),
             k.team(a.team, "resv"),
-            k.org("pace"),
+            k.org("pace") if a.pace else k.team(a.team, "pace"),
             k.team(a.team, f"void:{a.ticket}"),
         ]
         raw = await self._run("admit", keys, admit_args(a))

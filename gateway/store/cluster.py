@@ -1,0 +1,73 @@
+"""Redis Cluster: the same scripts, each kept inside one hash slot.
+
+A team's keys share the `{t:<team>}` slot, an organisation-scoped cache entry and its lock the
+`{c:<digest>}` slot, the upstream pacing key the `{org}` slot. A single Redis runs `admit` as one
+script over all of them; on a cluster, a request whose keys span slots runs one script per slot:
+
+- organisation-scoped cache: `lookup.lua` in the entry's slot first (hit, follow, or take the
+  lock), then the team's `admit` without the cache, releasing the lock if the team is refused;
+- upstream pacing: after the team's `admit` let the request through, `pace.lua` in `{org}`; if
+  the allowance is spent, the admission is cancelled (reservation and locks given back).
+
+Each step is atomic in its slot; the steps in between can only over-hold (briefly keep a lock or
+a reservation), never over-spend. Bookkeeping (`finish`, `cancel`) splits the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .base import Admission, AdmitResult, CacheRef, Completion, Settled, Verdict
+from .redis import RedisStore
+
+_LEAD, _HIT = 0, 1
+
+
+class ClusterStore(RedisStore):
+    scripts = (*RedisStore.scripts, "lookup", "store_entry")
+
+    async def admit(self, a: Admission) -> AdmitResult:
+        shared = a.cache if a.cache is not None and a.cache.shared else None
+        if shared is not None:
+            state, entry, ttl_ms = await self._run(
+                "lookup", list(self.keys.cache(a.team, shared)), [a.ticket, a.hold_ms])
+            if state != _LEAD:  # answered from cache or by another request: count it, no more
+                team = await super().admit(replace(a, cache=None, reservation=None, pace=None))
+                if team.verdict is not Verdict.ADMIT:
+                    return team
+                if state == _HIT:
+                    return replace(team, verdict=Verdict.HIT, entry=entry,
+                                   entry_ttl_s=max(ttl_ms, 0) / 1000.0)
+                return replace(team, verdict=Verdict.FOLLOW)
+        result = await super().admit(replace(a, cache=None if shared else a.cache, pace=None))
+        if result.verdict is not Verdict.ADMIT:
+            if shared is not None:
+                await self._store_entry(a.team, shared, a.ticket, release=True)
+            return result
+        if a.pace is None:
+            return result
+        booked, wait = await self.pace(a.pace)
+        if not booked:
+            await self.cancel(a)
+            return replace(result, verdict=Verdict.PACE, retry_after_s=wait)
+        return replace(result, pace_delay_s=wait)
+
+    async def finish(self, c: Completion) -> Settled:
+        ref = c.cache_put[0] if c.cache_put else c.release
+        if ref is None or not ref.shared:
+            return await super().finish(c)
+        await self._store_entry(c.team, ref, c.ticket, release=c.release is not None,
+                                entry=c.cache_put[1] if c.cache_put else b"",
+                                ttl_ms=c.cache_put[2] if c.cache_put else 0)
+        return await super().finish(replace(c, cache_put=None, release=None))
+
+    async def cancel(self, a: Admission) -> None:
+        if a.cache is not None and a.cache.shared:
+            await self._store_entry(a.team, a.cache, a.ticket, release=True)
+            a = replace(a, cache=None)
+        await super().cancel(a)
+
+    async def _store_entry(self, team: str, ref: CacheRef, ticket: str, *, release: bool,
+                           entry: bytes = b"", ttl_ms: int = 0) -> None:
+        await self._run("store_entry", list(self.keys.cache(team, ref)),
+                        [entry, ttl_ms, ticket, "1" if release else "0"])
