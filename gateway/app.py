@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import admin, logs
+from . import admin, logs, openapi
 from . import config as cfg
 from .asgi import Receive, RequestIdMiddleware, Scope, Send
 from .budget import period_id
@@ -95,6 +95,7 @@ def create_app(
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
+            Route("/openapi.json", openapi_json),
             *admin.routes(),
         ],
         lifespan=lifespan,
@@ -159,6 +160,10 @@ async def refresh_budget_gauges(runtime: Runtime) -> None:
         runtime.budget_seen(name, period, used.spent + used.reserved)
         budget = runtime.policy.config.teams[name].budget
         runtime.metrics.budget_limit.labels(name).set(budget.credits if budget else 0)
+
+
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(openapi.document())
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
