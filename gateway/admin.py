@@ -120,7 +120,7 @@ async def ledger(request: Request) -> Response:
 
 
 def _event(entry_id: str, raw: bytes) -> dict[str, Any]:
-    event = orjson.loads(raw)
+    event: dict[str, Any] = orjson.loads(raw)
     event["time_ms"] = int(entry_id.split("-", 1)[0])
     for name in ("credits", "reserved", "saved"):
         if name in event:

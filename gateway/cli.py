@@ -192,8 +192,8 @@ def _print_totals(events: list[dict[str, Any]], teams: list[str]) -> None:
         row["refunded"] += event.get("kind") == "refund"
         row["credits"] += event.get("credits", 0)
         row["saved"] += event.get("saved", 0)
-    header = f"{'team':<20} {'requests':>9} {'cached':>7} {'refunded':>9} {'credits':>12} {'saved':>12}"
-    print(header)
+    print(f"{'team':<20} {'requests':>9} {'cached':>7} {'refunded':>9} {'credits':>12} "
+          f"{'saved':>12}")
     for team, row in totals.items():
         print(f"{team:<20} {row['requests']:>9} {row['cached']:>7} {row['refunded']:>9} "
               f"{from_milli(row['credits']):>12} {from_milli(row['saved']):>12}")

@@ -157,14 +157,12 @@ def parse(text: str, env: Mapping[str, str] | None = None) -> Config:
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{where}: {problem}") from None
     raw = _interpolate({} if raw is None else raw, os.environ if env is None else env, "")
-    config = _build(Config, raw, "")
-    _validate(config)
-    return config
+    return from_dict(raw)
 
 
 def from_dict(raw: Mapping[str, Any]) -> Config:
     """Build a config from an already-parsed mapping (tests and tools)."""
-    config = _build(Config, raw, "")
+    config: Config = _build(Config, raw, "")
     _validate(config)
     return config
 
@@ -264,7 +262,7 @@ def _coerce(hint: Any, value: Any, path: str, meta: Mapping[str, Any]) -> Any:
                 raise ConfigError(f"{_join(path, k)}: expected a non-empty name")
             out[k] = _coerce(args[1], v, _join(path, k), meta)
         return types.MappingProxyType(out)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, path)
     return _scalar(hint, value, path, meta)
 
@@ -314,9 +312,11 @@ def _validate(config: Config) -> None:
         for i, key in enumerate(keys):
             where = f"{owner}.keys[{i}]"
             if key.sha256 in seen_hash:
-                raise ConfigError(f"{where}.sha256: duplicate key hash (also {seen_hash[key.sha256]})")
+                also = seen_hash[key.sha256]
+                raise ConfigError(f"{where}.sha256: duplicate key hash (also {also})")
             if key.id in seen_id:
-                raise ConfigError(f"{where}.id: duplicate key id {key.id!r} (also {seen_id[key.id]})")
+                also = seen_id[key.id]
+                raise ConfigError(f"{where}.id: duplicate key id {key.id!r} (also {also})")
             seen_hash[key.sha256] = where
             seen_id[key.id] = where
     if not config.upstream.base_url.startswith(("http://", "https://")):

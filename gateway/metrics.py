@@ -32,7 +32,7 @@ def multiprocess_dir() -> str | None:
 
 class Metrics:
     def __init__(self) -> None:
-        disable_created_metrics()  # `_created` series double the output and no panel uses them
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series double the output and no panel uses them
         # In multiprocess mode values live in files and a fresh collector reads them per scrape.
         self._multiprocess = multiprocess_dir() is not None
         registry = None if self._multiprocess else CollectorRegistry()
@@ -85,11 +85,11 @@ class Metrics:
     def close(self) -> None:
         """A worker that stops takes its live gauges (in-flight) out of the sums."""
         if self._multiprocess:
-            mp.mark_process_dead(os.getpid())
+            mp.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
     def render(self) -> bytes:
         if self._registry is not None:
             return generate_latest(self._registry)
         registry = CollectorRegistry()
-        mp.MultiProcessCollector(registry)
+        mp.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)

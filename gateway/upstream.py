@@ -48,7 +48,8 @@ def request_headers(client: Headers, *, request_id: bytes, json_body: bool) -> H
     listed = _connection_listed(client)
     out: Headers = [
         (k, v) for k, v in client
-        if k not in _DROP_REQUEST and k not in listed and not k.startswith((b"proxy-", b"x-forwarded-"))
+        if k not in _DROP_REQUEST and k not in listed
+        and not k.startswith((b"proxy-", b"x-forwarded-"))
         and k != b"x-request-id" and not (json_body and k == b"content-type")
     ]
     out.append((b"x-request-id", request_id))

@@ -119,7 +119,8 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
         if s.record:
             state.log.append({"method": request.method, "path": path,
                               "query": request.url.query,
-                              "headers": dict(request.headers), "body": body.decode(errors="replace")})
+                              "headers": dict(request.headers),
+                              "body": body.decode(errors="replace")})
         if request.headers.get("authorization") != f"Bearer {s.api_key}":
             return error(401, "Invalid API key", "authentication_error")
         if s.rate_limit is not None:
@@ -150,7 +151,7 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
                     400: "invalid_request", 404: "not_found"}.get(fault.status, "server_error")
             return error(fault.status, "Injected failure", kind, headers)
         if fault.drip_s:
-            return Dripping(ok.body, fault.drip_s, ok.status_code)
+            return Dripping(bytes(ok.body), fault.drip_s, ok.status_code)
         return ok
 
     async def payload(request: Request) -> dict[str, Any] | Response:

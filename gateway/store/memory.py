@@ -196,8 +196,7 @@ class MemoryStore:
             resv = kv.hash(k.team(a.team, "resv"))
             resv[r.id] = b"%d|" % (now + a.hold_ms) + reservation_record(r.period, r.amount,
                                                                         r.context)
-            field = f"reserved:{r.period}"
-            budget[field] = budget.get(field, 0) + r.amount
+            _add(budget, f"reserved:{r.period}", r.amount)
             if used is not None:
                 used += r.amount
         return result(Verdict.ADMIT, pace_delay_s=delay, budget_used=used)
@@ -209,8 +208,7 @@ class MemoryStore:
             held = kv.hash(k.team(a.team, "resv")).pop(a.reservation.id, None)
             if held is not None:
                 r = parse_reservation(a.reservation.id, held)
-                budget = kv.hash(k.team(a.team, "budget"))
-                budget[f"reserved:{r.period}"] = budget.get(f"reserved:{r.period}", 0) - r.amount
+                _add(kv.hash(k.team(a.team, "budget")), f"reserved:{r.period}", -r.amount)
         if a.cache is not None:
             lock = k.cache(a.team, a.cache)[1]
             if kv.get(lock) == a.ticket:
@@ -249,8 +247,8 @@ class MemoryStore:
                 else:
                     if c.settle is Settle.CHARGE:
                         charge = r.amount if c.charge is None else c.charge
-                    budget[f"reserved:{r.period}"] = budget.get(f"reserved:{r.period}", 0) - r.amount
-                    budget[f"spent:{r.period}"] = budget.get(f"spent:{r.period}", 0) + charge
+                    _add(budget, f"reserved:{r.period}", -r.amount)
+                    _add(budget, f"spent:{r.period}", charge)
                     event = orjson.loads(r.context)
                     event.update(kind=c.settle.value, credits=charge, reserved=r.amount,
                                  period=r.period)
@@ -337,6 +335,10 @@ class MemoryStore:
             return False
         self._kv.set(key, owner, ttl_ms)
         return True
+
+
+def _add(counters: dict[str, int], field: str, amount: int) -> None:
+    counters[field] = counters.get(field, 0) + amount
 
 
 def _ms(entry_id: str) -> int:

@@ -8,6 +8,7 @@ URLs: `redis://` and `rediss://` (one server), `redis+sentinel://[:password@]h1:
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -43,33 +44,36 @@ MAX_CONNECTIONS = 1024  # per process (per node on a cluster); Redis allows 1000
 def client_from_url(url: str, *, timeout_s: float) -> tuple[Client, list[Redis]]:
     """A redis-py asyncio client for any of the URL forms above, and the Sentinel connections
     to close with it (the password never reaches a log or an error)."""
-    timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     scheme, _, rest = url.partition("://")
     if scheme not in ("redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster"):
         # a bounded pool that waits for a free connection (up to the store timeout) rather than
         # failing when a burst of requests wants more connections than it has
-        pool = BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS,
-                                               timeout=timeout_s, health_check_interval=30,
-                                               **timeouts)
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=timeout_s, health_check_interval=30,
+            socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         return Redis.from_pool(pool), []  # from_pool: closing the client closes the pool
     credentials, _, location = rest.rpartition("@")
-    username, _, password = credentials.partition(":")
+    user, _, secret = credentials.partition(":")
+    username, password = unquote(user) or None, unquote(secret) or None
+    tls = scheme.startswith("rediss")
     hosts_part, _, path = location.partition("/")
     hosts = []
     for host in hosts_part.split(","):
         name, _, port = host.rpartition(":")
         hosts.append((name, int(port)))
-    auth = {"username": unquote(username) or None, "password": unquote(password) or None,
-            "ssl": scheme.startswith("rediss")}
     if scheme.endswith("+cluster"):
-        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in hosts],
-                            max_connections=MAX_CONNECTIONS, **auth, **timeouts), []
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in hosts], username=username,
+            password=password, ssl=tls, max_connections=MAX_CONNECTIONS,
+            socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        return cluster, []
     service, _, db = path.partition("/")
-    sentinel = Sentinel(hosts, sentinel_kwargs={**timeouts, "password": auth["password"],
-                                                "max_connections": MAX_CONNECTIONS},
-                        **timeouts)
-    master = sentinel.master_for(service, db=int(db or 0), max_connections=MAX_CONNECTIONS,
-                                 **auth)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        hosts, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+        sentinel_kwargs={"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+                         "password": password, "max_connections": MAX_CONNECTIONS})
+    master = sentinel.master_for(service, db=int(db or 0), username=username, password=password,
+                                 ssl=tls, max_connections=MAX_CONNECTIONS)
     return master, list(sentinel.sentinels)
 
 
@@ -79,7 +83,7 @@ def _source(name: str) -> str:
 
 
 class RedisStore:
-    scripts = ("admit", "finish", "pace", "flight", "cancel")
+    scripts: tuple[str, ...] = ("admit", "finish", "pace", "flight", "cancel")
 
     def __init__(self, client: Client, *, prefix: str = "aio",
                  also_close: Sequence[Redis] = ()) -> None:
@@ -106,7 +110,7 @@ class RedisStore:
     async def connect(self) -> None:
         """Load the scripts now, so the first requests do not pay for it (and fail early)."""
         for script in self._scripts.values():
-            await self._call(lambda script=script: self._redis.script_load(script.script))
+            await self._call(partial(self._redis.script_load, script.script))
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -209,21 +213,21 @@ class RedisStore:
                 for team, period in teams:
                     pipe.hmget(self.keys.team(team, "budget"), f"spent:{period}",
                                f"reserved:{period}")
-                return await pipe.execute()  # type: ignore[no-any-return]
+                return await pipe.execute()
 
         rows = await self._call(read)
         return [BudgetUsage(int(s or 0), int(r or 0)) for s, r in rows]
 
     async def reservations(self, team: str) -> list[PendingReservation]:
         raw = await self._call(lambda: self._redis.hgetall(self.keys.team(team, "resv")))
-        return [parse_reservation(rid.decode(), value) for rid, value in raw.items()]
+        return [parse_reservation(_text(rid), _bytes(value)) for rid, value in raw.items()]
 
     async def ledger(self, team: str, *, after: str = "-", limit: int = 100) -> list[LedgerEntry]:
         start = after if after == "-" else f"({after}"
         rows = await self._call(
             lambda: self._redis.xrange(self.keys.team(team, "ledger"), start, "+", count=limit)
         )
-        return [LedgerEntry(rid.decode(), fields[b"e"]) for rid, fields in rows]
+        return [LedgerEntry(_text(rid), _bytes((fields or {})[b"e"])) for rid, fields in rows or []]
 
     async def revoke(self, team: str, key_id: str, revoked: bool) -> None:
         key = self.keys.team(team, "revoked")
@@ -232,7 +236,7 @@ class RedisStore:
 
     async def revoked(self, team: str) -> set[str]:
         members = await self._call(lambda: self._redis.smembers(self.keys.team(team, "revoked")))
-        return {m.decode() for m in members}
+        return {_text(m) for m in members}
 
     async def flush_cache(self, *, route: str | None = None, team: str | None = None) -> int:
         pattern = self.keys.cache_pattern(route=route, team=team)
@@ -257,3 +261,11 @@ class RedisStore:
 
 
 __all__ = ["RedisStore", "Verdict"]
+
+
+def _bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
