@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -16,7 +17,6 @@ from .conftest import (
     Mock,
     RedisServer,
     RunningGateway,
-    ServerThread,
     base_config,
 )
 from .test_proxy import wait_ledger
@@ -42,7 +42,8 @@ def test_canonical_json_ignores_key_order_and_whitespace(gateway: RunningGateway
     a = gateway.call("POST", "chat/completions",
                      content=b'{"model":"gemini","messages":[{"role":"user","content":"x"}]}')
     b = gateway.call("POST", "chat/completions",
-                     content=b'{ "messages" : [ {"content": "x", "role": "user"} ],\n "model": "gemini" }')
+                     content=b'{ "messages" : [ {"content": "x", "role": "user"} ],\n'
+                             b' "model": "gemini" }')
     assert (a.headers["x-cache"], b.headers["x-cache"]) == ("MISS", "HIT")
     assert mock.count("POST chat/completions") == 1
 
@@ -188,10 +189,8 @@ def test_a_dead_leader_replica_does_not_strand_followers(redis_server: RedisServ
 
 
 def _quietly(call: Any) -> None:
-    try:
+    with contextlib.suppress(httpx.HTTPError):
         call()
-    except httpx.HTTPError:
-        pass
 
 
 def test_cache_survives_a_restart_on_redis(redis_server: RedisServer, mock: Mock,

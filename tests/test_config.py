@@ -105,14 +105,17 @@ BAD = [
      "not the key itself"),
     ("teams: {research: {keys: [{id: 'a b', sha256: xyz}]}}",
      "teams.research.keys[0].id: 'a b' is not a valid value"),
-    (f"teams: {{a: {{keys: [{{id: k1, sha256: {SHA_A}}}]}}, b: {{keys: [{{id: k2, sha256: {SHA_A}}}]}}}}",
+    (f"teams: {{a: {{keys: [{{id: k1, sha256: {SHA_A}}}]}}, "
+     f"b: {{keys: [{{id: k2, sha256: {SHA_A}}}]}}}}",
      "teams.b.keys[0].sha256: duplicate key hash (also teams.a.keys[0])"),
-    (f"teams: {{a: {{keys: [{{id: k1, sha256: {SHA_A}}}]}}}}\nadmin: {{keys: [{{id: k1, sha256: {SHA_B}}}]}}",
+    (f"teams: {{a: {{keys: [{{id: k1, sha256: {SHA_A}}}]}}}}\n"
+     f"admin: {{keys: [{{id: k1, sha256: {SHA_B}}}]}}",
      "admin.keys[0].id: duplicate key id 'k1' (also teams.a.keys[0])"),
     ("teams: {'bad team': {}}", "teams.bad team: team names use letters, digits, '_', '.', '-'"),
     ("teams:\n  a: {}\n  a: {}", "line 3: duplicate key 'a'"),
     ("listen: {port: [}", "line 1: expected the node content, but found '}'"),
-    ("logging: {access_log: yes-please}", "logging.access_log: expected true or false, got 'yes-please'"),
+    ("logging: {access_log: yes-please}",
+     "logging.access_log: expected true or false, got 'yes-please'"),
 ]
 
 

@@ -53,8 +53,9 @@ class Load:
         self.statuses: Counter[int] = Counter()
         self.seconds = seconds
         self._stop = threading.Event()
-        bodies = BODIES + [{"model": "gemini", "messages": [{"role": "user", "content": f"new {i}"}]}
-                           for i in range(4000)]
+        fresh = [{"model": "gemini", "messages": [{"role": "user", "content": f"new {i}"}]}
+                 for i in range(4000)]
+        bodies = BODIES + fresh
         self._thread = threading.Thread(target=lambda: self.statuses.update(asyncio.run(
             _load(gateway.url, self._stop, workers=workers, timeout=timeout, bodies=bodies))))
 

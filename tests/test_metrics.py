@@ -9,7 +9,15 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import ADMIN_KEY, KEYS, GatewayFactory, Mock, RedisServer, RunningGateway, base_config
+from .conftest import (
+    ADMIN_KEY,
+    KEYS,
+    GatewayFactory,
+    Mock,
+    RedisServer,
+    RunningGateway,
+    base_config,
+)
 from .test_limits import teams_with
 from .test_proxy import wait_ledger
 

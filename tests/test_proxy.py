@@ -71,7 +71,8 @@ def test_async_endpoints_create_tasks(gateway: RunningGateway, mock: Mock, path:
 
 
 def test_task_completes_through_the_gateway(gateway: RunningGateway) -> None:
-    task = gateway.call("POST", "images/generations", json={"model": "flux-2", "prompt": "x"}).json()
+    task = gateway.call("POST", "images/generations",
+                        json={"model": "flux-2", "prompt": "x"}).json()
     deadline = time.monotonic() + 10
     status = {}
     while time.monotonic() < deadline:
@@ -292,8 +293,8 @@ def test_upstream_account_problems_are_not_the_teams(gateway: RunningGateway, mo
     error = error_of(response)
     assert error["type"] == "upstream_unavailable"
     assert "upstream account needs attention" in str(error["message"])
-    assert 'gateway_upstream_requests_total{route="chat/completions",status="%d"} 1.0' % status \
-        in gateway.metrics()
+    line = f'gateway_upstream_requests_total{{route="chat/completions",status="{status}"}} 1.0'
+    assert line in gateway.metrics()
 
 
 def test_upstream_timeout_is_504(make_gateway: GatewayFactory, mock: Mock) -> None:
@@ -342,8 +343,8 @@ def test_no_secret_in_any_log_line(gateway: RunningGateway, mock: Mock,
     gateway.chat("dropped")
     time.sleep(0.2)
     lines = "\n".join(
-        logging.Formatter("%(name)s %(message)s %(exc_text)s").format(r) + str(getattr(r, "fields", ""))
-        for r in caplog.records
+        logging.Formatter("%(name)s %(message)s %(exc_text)s").format(r)
+        + str(getattr(r, "fields", "")) for r in caplog.records
     )
     assert "gateway.access" in lines
     for secret in (UPSTREAM_KEY, *KEYS.values(), ADMIN_KEY):

@@ -176,8 +176,8 @@ def test_settle_up_down_and_refund(store_url: str) -> None:
 def test_a_new_period_starts_from_zero(store_url: str) -> None:
     async def body(store: Store) -> None:
         for i in range(3):
-            await store.admit(admission(f"n{i}", reservation=reserve(f"n{i}", 10_000, "d2026-11-24"),
-                                        budget_limit=30_000))
+            await store.admit(admission(f"n{i}", budget_limit=30_000,
+                                        reservation=reserve(f"n{i}", 10_000, "d2026-11-24")))
         full = await store.admit(admission("n3", reservation=reserve("n3", 10_000, "d2026-11-24"),
                                            budget_limit=30_000))
         assert full.verdict is Verdict.BUDGET and full.budget_used == 30_000
@@ -265,7 +265,8 @@ def test_idempotency_states(store_url: str) -> None:
         # a failed first attempt frees the key for a retry
         await store.admit(admission("j1", idempotency=("key2", "fp")))
         await store.finish(Completion("t", "j1", idempotency=("key2", None, 0)))
-        assert (await store.admit(admission("j2", idempotency=("key2", "fp")))).verdict is Verdict.ADMIT
+        retry = await store.admit(admission("j2", idempotency=("key2", "fp")))
+        assert retry.verdict is Verdict.ADMIT
 
     run(store_url, body)
 

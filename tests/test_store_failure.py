@@ -11,7 +11,6 @@ from .conftest import GatewayFactory, Mock, RedisServer
 from .test_limits import teams_with
 from .test_proxy import error_of, wait_ledger
 
-
 # `private_redis` comes first so that it outlives the gateway (fixtures end in reverse order)
 
 
