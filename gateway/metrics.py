@@ -8,6 +8,7 @@ processes (PROMETHEUS_MULTIPROC_DIR set) prometheus-client sums them at scrape t
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -26,6 +27,21 @@ BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+class Labelled:
+    """A labelled metric whose children are created once per label set: `labels()` of
+    prometheus-client takes a lock and builds a key on every call, which the hot path feels."""
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def labels(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
+
+
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
@@ -37,46 +53,46 @@ class Metrics:
         self._multiprocess = multiprocess_dir() is not None
         registry = None if self._multiprocess else CollectorRegistry()
         self._registry = registry
-        self.requests = Counter(
+        self.requests = Labelled(Counter(
             "gateway_requests_total", "Requests answered by the gateway.",
-            ["team", "route", "status", "cache"], registry=registry)
-        self.request_duration = Histogram(
+            ["team", "route", "status", "cache"], registry=registry))
+        self.request_duration = Labelled(Histogram(
             "gateway_request_duration_seconds", "Time from request to the end of the answer.",
-            ["route"], buckets=BUCKETS, registry=registry)
-        self.upstream_requests = Counter(
+            ["route"], buckets=BUCKETS, registry=registry))
+        self.upstream_requests = Labelled(Counter(
             "gateway_upstream_requests_total",
             "Requests sent to the upstream API, by its answer (`error` when none came).",
-            ["route", "status"], registry=registry)
-        self.upstream_duration = Histogram(
+            ["route", "status"], registry=registry))
+        self.upstream_duration = Labelled(Histogram(
             "gateway_upstream_duration_seconds", "Time the upstream API took to answer.",
-            ["route"], buckets=BUCKETS, registry=registry)
-        self.cache_events = Counter(
+            ["route"], buckets=BUCKETS, registry=registry))
+        self.cache_events = Labelled(Counter(
             "gateway_cache_events_total",
             "Cache lookups and writes: hit, miss, coalesced, bypass, stored.",
-            ["route", "result"], registry=registry)
-        self.credits_charged = Counter(
+            ["route", "result"], registry=registry))
+        self.credits_charged = Labelled(Counter(
             "gateway_credits_charged_total", "Credits settled against team budgets.",
-            ["team"], registry=registry)
-        self.credits_saved = Counter(
+            ["team"], registry=registry))
+        self.credits_saved = Labelled(Counter(
             "gateway_credits_saved_total",
             "Credits not spent upstream because the answer came from cache.",
-            ["team"], registry=registry)
-        self.rejections = Counter(
+            ["team"], registry=registry))
+        self.rejections = Labelled(Counter(
             "gateway_rejections_total", "Requests the gateway refused, by reason.",
-            ["team", "reason"], registry=registry)
-        self.budget_remaining = Gauge(
+            ["team", "reason"], registry=registry))
+        self.budget_remaining = Labelled(Gauge(
             "gateway_budget_remaining_credits",
             "Credits left in the team's current budget period (from the shared store).",
-            ["team"], multiprocess_mode="mostrecent", registry=registry)
-        self.budget_limit = Gauge(
+            ["team"], multiprocess_mode="mostrecent", registry=registry))
+        self.budget_limit = Labelled(Gauge(
             "gateway_budget_limit_credits", "The team's budget for one period (from the config).",
-            ["team"], multiprocess_mode="mostrecent", registry=registry)
+            ["team"], multiprocess_mode="mostrecent", registry=registry))
         self.inflight = Gauge(
             "gateway_inflight_requests", "Requests being answered right now.",
             multiprocess_mode="livesum", registry=registry)
-        self.store_errors = Counter(
+        self.store_errors = Labelled(Counter(
             "gateway_store_errors_total", "Store operations that failed (unreachable or slow).",
-            ["operation"], registry=registry)
+            ["operation"], registry=registry))
         self.store_fallback = Counter(
             "gateway_store_fallback_requests_total",
             "Requests served without the shared store (store.on_error: open).",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -55,6 +54,7 @@ from .quota import QuotaState, state_header
 from .runtime import Runtime
 from .store import Store, StoreError
 from .store.base import (
+    IDEMPOTENCY_TTL_MS,
     Admission,
     AdmitResult,
     CacheRef,
@@ -70,7 +70,6 @@ from .upstream import request_headers, response_headers
 PREFIX = "/api/v1/"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _JSON_TYPES = (b"application/json", b"application/x-www-form-urlencoded", b"text/plain")
-_IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
 _STRICT_CACHE_CONTROL = (b"no-store", b"no-cache", b"private")
 _FOLLOW_ATTEMPTS = 3
 
@@ -251,14 +250,12 @@ class Proxy:
             "team": team.name, "key_id": key_id, "model": ex.model, "route": ex.route,
             "request_id": ex.request_id, "cached": False,
         })
+        ticket = self.rt.ticket()
         reservation = None
         if method == "POST":
             period = period_id(team.budget.period if team.budget else "month", self.rt.clock())
-            ticket = os.urandom(12).hex()
             reservation = Reservation(ticket, period, to_milli(config.price(ex.model or "")),
                                       context)
-        else:
-            ticket = os.urandom(12).hex()
         admission = Admission(
             team=team.name,
             key_id=key_id,
@@ -271,6 +268,8 @@ class Proxy:
             reservation=reservation,
             budget_limit=team.budget_limit,
             pace=policy.pace,
+            hit_event=context if lookup and method == "POST" else None,
+            ledger_min_ms=self._ledger_min_ms(),
         )
         headers = request_headers(scope["headers"], request_id=ex.request_id.encode(),
                                   json_body=payload is not None)
@@ -424,7 +423,7 @@ class Proxy:
         if a.idempotency is not None:
             keep = reply is not None and reply.status < 500 and reply.status != 429 and not streamed
             idem = (a.idempotency[0], encode_entry(reply, credits=0, ttl_s=0) if keep and reply
-                    else None, _IDEMPOTENCY_TTL_MS)
+                    else None, IDEMPOTENCY_TTL_MS)
         if r is not None:
             completion = Completion(
                 team=a.team, ticket=a.ticket, settle=settle, reservation_id=r.id,
@@ -457,30 +456,24 @@ class Proxy:
     # -- answers without the upstream ----------------------------------------------------------
 
     def _hit(self, req: Prepared, result: AdmitResult, store: Store, ex: Exchange) -> Reply:
+        """A cache hit: `admit` already counted it and wrote its ledger and idempotent answer."""
         reply, credits, ttl_s = decode_entry(result.entry or b"")
         ex.cache = "hit"
-        age = max(0, int(ttl_s - result.entry_ttl_s))
-        reply.headers.append((b"age", str(age).encode()))
-        self._served_from_cache(req, reply, credits, store, ex)
+        reply.headers.append((b"age", str(max(0, int(ttl_s - result.entry_ttl_s))).encode()))
+        self._saved(req, reply, credits, store)
         return reply
 
     def _coalesced(self, req: Prepared, leader: Reply, store: Store, ex: Exchange) -> Reply:
+        """Another request's answer: the bookkeeping a hit gets from `admit` is done here."""
         ex.cache = "coalesced"
         reply = Reply(leader.status, list(leader.headers), leader.body)
-        credits = req.admission.reservation.amount if req.admission.reservation else 0
-        self._served_from_cache(req, reply, credits if 200 <= reply.status < 300 else 0, store, ex)
-        return reply
-
-    def _served_from_cache(self, req: Prepared, reply: Reply, saved: int, store: Store,
-                           ex: Exchange) -> None:
         a = req.admission
-        if saved:
-            self.rt.metrics.credits_saved.labels(a.team).inc(from_milli(saved))
-        task_owner = None
-        if req.cache is not None and req.cache.shared and req.path in routes.ASYNC_ENDPOINTS:
-            created = _created_task(reply)
-            if created is not None:
-                task_owner = (created, max(self.rt.policy.config.cache.task_ttl_s, 86400) * 1000)
+        saved = 0
+        if 200 <= reply.status < 300 and req.method == "POST":
+            reported = task_outcome(req.method, req.path, None, reply.body).charge
+            saved = reported if reported is not None else to_milli(
+                self.rt.policy.config.price(ex.model or ""))
+        self._saved(req, reply, saved, store)
         ledger = None
         if req.method == "POST":
             event = orjson.loads(req.context)
@@ -488,12 +481,24 @@ class Proxy:
             ledger = orjson.dumps(event)
         idem = None
         if a.idempotency is not None:
-            idem = (a.idempotency[0], encode_entry(reply, credits=0, ttl_s=0), _IDEMPOTENCY_TTL_MS)
-        if ledger or idem or task_owner:
+            idem = (a.idempotency[0], encode_entry(reply, credits=0, ttl_s=0), IDEMPOTENCY_TTL_MS)
+        if ledger or idem:
             self.rt.submit(self.rt.finish(store, Completion(
-                team=a.team, ticket=a.ticket, idempotency=idem, task_owner=task_owner,
-                ledger=ledger, ledger_min_ms=self._ledger_min_ms(),
-            )))
+                team=a.team, ticket=a.ticket, idempotency=idem, ledger=ledger,
+                ledger_min_ms=self._ledger_min_ms())))
+        return reply
+
+    def _saved(self, req: Prepared, reply: Reply, saved: int, store: Store) -> None:
+        """Count what the cache saved; a shared task answer makes the task this team's too."""
+        a = req.admission
+        if saved:
+            self.rt.metrics.credits_saved.labels(a.team).inc(from_milli(saved))
+        if req.cache is not None and req.cache.shared and req.path in routes.ASYNC_ENDPOINTS:
+            created = _created_task(reply)
+            if created is not None:
+                owner = (created, max(self.rt.policy.config.cache.task_ttl_s, 86400) * 1000)
+                self.rt.submit(self.rt.finish(store, Completion(
+                    team=a.team, ticket=a.ticket, task_owner=owner)))
 
     async def _follow(self, req: Prepared, store: Store) -> Reply | None:
         """Wait for the request already fetching this cache key; None if it gave up."""

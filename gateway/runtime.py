@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
@@ -35,8 +37,15 @@ class Runtime:
         # `store.on_error: open`: per-process quotas while the shared store is away
         self.fallback = MemoryStore(prefix=policy.config.store.key_prefix, clock=clock)
         self.flights: dict[str, asyncio.Future[Reply]] = {}
+        self._ticket_prefix = os.urandom(6).hex()
+        self._tickets = itertools.count()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._warned_at = float("-inf")
+
+    def ticket(self) -> str:
+        """A name for one request that no other request of any process will have: it owns the
+        request's locks and reservation (the client's X-Request-ID may be reused)."""
+        return f"{self._ticket_prefix}{next(self._tickets):x}"
 
     def reload(self, path: str) -> cfg.Config:
         """Apply a changed config file; in-flight requests finish under the one they started with.

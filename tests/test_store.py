@@ -239,6 +239,26 @@ def test_cache_entry_flight_lock_and_hit(store_url: str) -> None:
     run(store_url, body)
 
 
+def test_a_hit_writes_its_own_bookkeeping(store_url: str) -> None:
+    """One round trip for a hit: the ledger entry and the idempotent answer come with it."""
+    ref = CacheRef("chat/completions", "a" * 64)
+    entry = b'{"s": 200, "h": [], "c": 2500, "t": 60}\n{"answer": 1}'
+
+    async def body(store: Store) -> None:
+        await store.admit(admission("lead", cache=ref))
+        await store.finish(Completion("t", "lead", cache_put=(ref, entry, 60_000), release=ref))
+        hit = await store.admit(admission("hit", cache=ref, hit_event=CONTEXT,
+                                          idempotency=("idem", "fp")))
+        assert hit.verdict is Verdict.HIT and hit.entry == entry
+        (event,) = [orjson.loads(e.event) for e in await store.ledger("t")]
+        assert (event["kind"], event["credits"], event["cached"], event["saved"]) == (
+            "charge", 0, True, 2500)
+        replay = await store.admit(admission("retry", idempotency=("idem", "fp")))
+        assert replay.verdict is Verdict.REPLAY and replay.entry == entry
+
+    run(store_url, body)
+
+
 def test_only_the_lock_owner_releases_it(store_url: str) -> None:
     ref = CacheRef("chat/completions", "e" * 64)
 

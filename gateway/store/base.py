@@ -39,6 +39,7 @@ class Verdict(enum.IntEnum):
 
 
 CANCEL_TTL_MS = 10 * 60 * 1000  # how long a cancelled ticket's tombstone stays
+IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000  # how long an Idempotency-Key's answer is kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,9 @@ class Admission:
     reservation: Reservation | None = None
     budget_limit: int | None = None  # millicredits; None = no budget
     pace: Pace | None = None
+    hit_event: bytes | None = None  # ledger event (JSON) to append if answered from cache
+    ledger_min_ms: int = 0
+    served: tuple[bytes, int] | None = None  # (entry, ttl ms) found elsewhere: a hit
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,13 +31,13 @@ class ClusterStore(RedisStore):
         if shared is not None:
             state, entry, ttl_ms = await self._run(
                 "lookup", list(self.keys.cache(a.team, shared)), [a.ticket, a.hold_ms])
-            if state != _LEAD:  # answered from cache or by another request: count it, no more
+            if state == _HIT:  # the team's script answers it, bookkeeping included
+                return await super().admit(replace(a, cache=None, reservation=None, pace=None,
+                                                   served=(entry, max(ttl_ms, 0))))
+            if state != _LEAD:  # another request is fetching it: count this one, no more
                 team = await super().admit(replace(a, cache=None, reservation=None, pace=None))
                 if team.verdict is not Verdict.ADMIT:
                     return team
-                if state == _HIT:
-                    return replace(team, verdict=Verdict.HIT, entry=entry,
-                                   entry_ttl_s=max(ttl_ms, 0) / 1000.0)
                 return replace(team, verdict=Verdict.FOLLOW)
         result = await super().admit(replace(a, cache=None if shared else a.cache, pace=None))
         if result.verdict is not Verdict.ADMIT:

@@ -19,6 +19,7 @@ from .. import quota as gcra
 from ..quota import QuotaState
 from .base import (
     CANCEL_TTL_MS,
+    IDEMPOTENCY_TTL_MS,
     Admission,
     AdmitResult,
     BudgetUsage,
@@ -161,14 +162,26 @@ class MemoryStore:
         if a.task_id and kv.get(k.task(a.team, a.task_id)) is None:
             count()
             return result(Verdict.NOT_FOUND)
+        def served(entry: bytes, ttl_ms: float) -> AdmitResult:
+            count()
+            if a.idempotency:
+                kv.set(idem_key, {"fp": a.idempotency[1], "state": "done", "owner": a.ticket,
+                                  "answer": entry}, IDEMPOTENCY_TTL_MS)
+            if a.hit_event:
+                saved = orjson.loads(entry.partition(b"\n")[0]).get("c", 0)
+                event = {**orjson.loads(a.hit_event), "kind": "charge", "credits": 0,
+                         "cached": True, "saved": saved}
+                self._record(k.team(a.team, "ledger"), orjson.dumps(event), a.ledger_min_ms, now)
+            return result(Verdict.HIT, entry=entry, entry_ttl_s=ttl_ms / 1000.0)
+
+        if a.served is not None:
+            return served(*a.served)
         lock = ""
         if a.cache:
             entry_key, lock = k.cache(a.team, a.cache)
             entry = kv.get(entry_key)
             if entry is not None:
-                count()
-                hold_idempotency()
-                return result(Verdict.HIT, entry=entry, entry_ttl_s=kv.ttl_ms(entry_key) / 1000.0)
+                return served(entry, kv.ttl_ms(entry_key))
             if kv.get(lock) is not None:
                 count()
                 hold_idempotency()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..quota import QuotaState
-from .base import Admission, AdmitResult, PendingReservation, Verdict
+from .base import IDEMPOTENCY_TTL_MS, Admission, AdmitResult, PendingReservation, Verdict
 
 
 def reservation_record(period: str, amount: int, context: bytes) -> bytes:
@@ -36,6 +36,11 @@ def admit_args(a: Admission) -> list[Any]:
         a.pace.interval_ms if a.pace else "",
         a.pace.burst if a.pace else 1,
         a.pace.queue_ms if a.pace else 0,
+        a.hit_event or "",
+        a.ledger_min_ms,
+        IDEMPOTENCY_TTL_MS,
+        a.served[0] if a.served else "",
+        a.served[1] if a.served else 0,
         len(a.quotas),
     ]
     for q in a.quotas:

@@ -13,7 +13,7 @@ from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
-from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
+from redis.asyncio import ConnectionPool, Redis, RedisCluster, Sentinel
 from redis.asyncio.cluster import ClusterNode
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
@@ -46,10 +46,8 @@ def client_from_url(url: str, *, timeout_s: float) -> tuple[Client, list[Redis]]
     to close with it (the password never reaches a log or an error)."""
     scheme, _, rest = url.partition("://")
     if scheme not in ("redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster"):
-        # a bounded pool that waits for a free connection (up to the store timeout) rather than
-        # failing when a burst of requests wants more connections than it has
-        pool = BlockingConnectionPool.from_url(
-            url, max_connections=MAX_CONNECTIONS, timeout=timeout_s, health_check_interval=30,
+        pool = ConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, health_check_interval=30,
             socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         return Redis.from_pool(pool), []  # from_pool: closing the client closes the pool
     credentials, _, location = rest.rpartition("@")
@@ -141,6 +139,7 @@ class RedisStore:
             k.team(a.team, "resv"),
             k.org("pace") if a.pace else k.team(a.team, "pace"),
             k.team(a.team, f"void:{a.ticket}"),
+            k.team(a.team, "ledger"),
         ]
         raw = await self._run("admit", keys, admit_args(a))
         return parse_admit(a, raw)

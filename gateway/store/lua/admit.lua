@@ -4,13 +4,16 @@
 --
 -- KEYS  1 revoked set   2 quota hash    3 idempotency hash   4 task owner   5 cache entry
 --       6 flight lock   7 budget hash   8 reservations hash  9 upstream pacing
---      10 tombstone of this ticket (see cancel.lua)
+--      10 tombstone of this ticket (see cancel.lua)             11 ledger stream
 -- ARGV  1 key id        2 ticket        3 hold ms            4 count quota (1/0)
 --       5 idempotency fingerprint ('' = none)                6 check task owner (1/0)
 --       7 cache lookup (1/0)            8 reservation id ('' = none)
 --       9 reservation record ("period|amount|context")       10 period   11 amount
 --      12 budget limit ('' = none)      13 pace interval ms ('' = none)   14 pace burst
---      15 pace queue ms                 16 quota count, then (name, limit, period ms) each
+--      15 pace queue ms
+--      16 ledger event of a cache hit ('' = none)                17 ledger: drop entries before ms
+--      18 idempotency ttl ms            19 an entry already found elsewhere ('' = none; cluster)
+--      20 its ttl ms                    21 quota count, then (name, limit, period ms) each
 -- Returns {verdict, now ms, retry ms, pace delay ms, budget used or -1, entry or false,
 --          entry ttl ms, then (remaining, reset ms) per quota}
 
@@ -21,10 +24,10 @@ local key_id, ticket, hold = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local count_quota = ARGV[4] == '1'
 local idem_fp = ARGV[5]
 
-local nq = tonumber(ARGV[16])
+local nq = tonumber(ARGV[21])
 local quotas, names = {}, {}
 for q = 1, nq do
-  local base = 16 + (q - 1) * 3
+  local base = 21 + (q - 1) * 3
   quotas[q] = {ARGV[base + 1], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])}
   names[q] = ARGV[base + 1]
 end
@@ -112,13 +115,30 @@ if ARGV[6] == '1' and redis.call('EXISTS', KEYS[4]) == 0 then
   return reply(NOT_FOUND, 0, 0, nil, nil, 0, states)
 end
 
+-- a cache hit is answered now and all its bookkeeping done here: one round trip
+local function served(entry, ttl)
+  count()
+  if idem_fp ~= '' then
+    redis.call('HSET', KEYS[3], 'fp', idem_fp, 'state', 'done', 'owner', ticket, 'answer', entry)
+    redis.call('PEXPIRE', KEYS[3], ARGV[18])
+  end
+  if ARGV[16] ~= '' then
+    local meta = cjson.decode(string.match(entry, '^[^\n]*'))
+    local event = cjson.decode(ARGV[16])
+    event.kind, event.credits, event.cached, event.saved = 'charge', 0, true, meta.c or 0
+    redis.call('XADD', KEYS[11], 'MINID', ARGV[17] .. '-0', '*', 'e', cjson.encode(event))
+  end
+  return reply(HIT, 0, 0, nil, entry, ttl, states)
+end
+
+if ARGV[19] ~= '' then
+  return served(ARGV[19], tonumber(ARGV[20]))
+end
 local lock = false
 if ARGV[7] == '1' then
   local entry = redis.call('GET', KEYS[5])
   if entry then
-    count()
-    hold_idempotency()
-    return reply(HIT, 0, 0, nil, entry, redis.call('PTTL', KEYS[5]), states)
+    return served(entry, redis.call('PTTL', KEYS[5]))
   end
   if redis.call('EXISTS', KEYS[6]) == 1 then
     count()
