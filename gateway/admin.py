@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -33,6 +34,7 @@ from .runtime import Runtime
 from .store import StoreError
 
 PREFIX = "/admin/v1"
+_ENTRY_ID = re.compile(r"[0-9]{1,15}-[0-9]{1,19}")
 
 
 def routes() -> list[BaseRoute]:
@@ -108,7 +110,7 @@ async def ledger(request: Request) -> Response:
     except ValueError:
         raise InvalidRequest("limit must be a whole number.") from None
     after = request.query_params.get("after", "-")
-    if after != "-" and not after.replace("-", "").isdigit():
+    if after != "-" and not _ENTRY_ID.fullmatch(after):
         raise InvalidRequest("after must be an entry id from a previous page.")
     entries = await _store(runtime.store.ledger(team, after=after, limit=limit))
     events = [{"id": e.id, **_event(e.id, e.event)} for e in entries]

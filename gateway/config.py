@@ -145,6 +145,8 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     return parse(text, env)
 
 

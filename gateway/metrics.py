@@ -35,6 +35,9 @@ class Labelled:
         self.metric = metric
         self._children: dict[tuple[str, ...], Any] = {}
 
+    def __getattr__(self, name: str) -> Any:  # describe(), _labelnames, ...: the metric's own
+        return getattr(self.metric, name)
+
     def labels(self, *values: str) -> Any:
         child = self._children.get(values)
         if child is None:

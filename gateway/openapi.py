@@ -34,10 +34,6 @@ ERROR_TYPES = (
 
 Json = dict[str, Any]
 
-_TEAM: list[Json] = [{"teamKey": []}]
-_ADMIN: list[Json] = [{"adminKey": []}]
-_PUBLIC: list[Json] = []
-
 _ASYNC = {  # endpoint -> (operationId, summary)
     "images/generations": ("createImageGeneration", "Generate images (asynchronous task)"),
     "videos/generations": ("createVideoGeneration", "Generate a video (asynchronous task)"),
@@ -57,8 +53,7 @@ _WHY = {
     402: "`insufficient_credits`: the team's budget for this period cannot hold the model's "
          "price (the message says how many credits remain and how many were needed).",
     403: "`permission_denied`: the model is not in the team's allow-list.",
-    404: "`not_found`: the task does not exist or belongs to another team; or the upstream's own "
-         "404 (an unknown model).",
+    404: "`not_found`: the upstream's own 404 (an unknown model, say).",
     409: "`invalid_request`: a request with this `Idempotency-Key` is still in flight.",
     413: "`request_too_large`: the body is larger than `listen.max_body_bytes` (25 MiB).",
     415: "`invalid_request`: the body's `Content-Type` is not JSON.",
@@ -73,6 +68,11 @@ _WHY = {
          "`upstream_unavailable`: the upstream account needs attention, or the answer of an "
          "identical request in flight could not be obtained; or the upstream's own 503.",
     504: "`upstream_unavailable`: the upstream did not answer in time.",
+}
+_WHY_GET = {
+    **_WHY,
+    400: "`invalid_request`: `Content-Length` is not a number.",
+    404: "`not_found`: no such task, or another team's task.",
 }
 _POST_ERRORS = (400, 401, 402, 403, 404, 409, 413, 415, 422, 429, 500, 502, 503, 504)
 _GET_ERRORS = (400, 401, 404, 413, 429, 500, 502, 503, 504)
@@ -126,7 +126,7 @@ def _async_operation(endpoint: str) -> Json:
             "is finished. The model's price is reserved from the team's budget and settled to "
             "the task's `credits_consumed` when its final status is seen."
         ),
-        "security": _TEAM,
+        "security": [{"teamKey": []}],
         "parameters": _post_parameters(),
         "requestBody": _json_body("#/components/schemas/TaskRequest"),
         "responses": _proxied_responses(
@@ -145,7 +145,7 @@ def _chat_operation() -> Json:
             "sends `Cache-Control: no-cache` or `no-store`. With `\"stream\": true` the answer is "
             "server-sent events, passed through event by event (never cached)."
         ),
-        "security": _TEAM,
+        "security": [{"teamKey": []}],
         "parameters": _post_parameters(),
         "requestBody": _json_body("#/components/schemas/ChatCompletionRequest"),
         "responses": _proxied_responses(
@@ -168,7 +168,7 @@ def _task_operation() -> Json:
             "Another team's task answers 404. Finished results come from the cache; running "
             "tasks are cached for at most `cache.pending_task_ttl_s`."
         ),
-        "security": _TEAM,
+        "security": [{"teamKey": []}],
         "parameters": [
             {
                 "name": "task_id",
@@ -221,7 +221,7 @@ def _proxied_responses(method: str, ok_content: Json, ok_description: str) -> Js
             headers["Cache-Control"] = {"$ref": "#/components/headers/CacheControlNoStore"}
         elif status == 503:
             headers["Retry-After"] = {"$ref": "#/components/headers/RetryAfter"}
-        responses[str(status)] = _error(_WHY[status], headers)
+        responses[str(status)] = _error((_WHY if method == "POST" else _WHY_GET)[status], headers)
     return responses
 
 
@@ -259,7 +259,7 @@ def _site_paths() -> Json:
             "tags": ["probes"],
             "operationId": "healthz",
             "summary": "Liveness: the process answers (whatever the store's state)",
-            "security": _PUBLIC,
+            "security": [],
             "responses": {"200": {
                 "description": "Alive.",
                 "headers": request_id,
@@ -273,7 +273,7 @@ def _site_paths() -> Json:
             "tags": ["probes"],
             "operationId": "readyz",
             "summary": "Readiness: the config is loaded and the store answers",
-            "security": _PUBLIC,
+            "security": [],
             "responses": {
                 "200": {
                     "description": "Ready; `degraded` when the store is unreachable and "
@@ -299,7 +299,7 @@ def _site_paths() -> Json:
             "tags": ["probes"],
             "operationId": "metrics",
             "summary": "Prometheus metrics (text exposition format)",
-            "security": _PUBLIC,
+            "security": [],
             "responses": {"200": {
                 "description": "The gateway's metrics; budgets are read from the store, so "
                                "every replica reports the same.",
@@ -311,7 +311,7 @@ def _site_paths() -> Json:
             "tags": ["probes"],
             "operationId": "openapi",
             "summary": "This document",
-            "security": _PUBLIC,
+            "security": [],
             "responses": {"200": {
                 "description": "The OpenAPI document of the gateway's surface.",
                 "headers": request_id,
@@ -400,7 +400,7 @@ def _admin_operation(operation_id: str, summary: str, ok: Json, errors: Json, *,
         "tags": ["admin"],
         "operationId": operation_id,
         "summary": summary,
-        "security": _ADMIN,
+        "security": [{"adminKey": []}],
     }
     if parameters:
         operation["parameters"] = parameters

@@ -655,9 +655,13 @@ def _json_object(body: bytes, content_type: bytes | None) -> dict[str, Any]:
 
 
 def _answer_headers(response: httpx.Response) -> Headers:
-    headers = response_headers(response.headers)
-    if response.status_code != 429:
-        headers = [(k, v) for k, v in headers if k != b"retry-after" or response.status_code == 503]
+    """The upstream's headers a client may see; `Retry-After` only where it means something,
+    `Cache-Control` at least `private` (answers are per key)."""
+    status = response.status_code
+    headers = [(k, v) for k, v in response_headers(response.headers)
+               if k != b"retry-after" or status in (429, 503)]
+    if status == 429 and not any(k == b"retry-after" for k, _ in headers):
+        headers.append((b"retry-after", b"1"))  # the contract promises one on every 429
     for i, (name, value) in enumerate(headers):
         if name == b"cache-control":
             if not any(word in value.lower() for word in _STRICT_CACHE_CONTROL):

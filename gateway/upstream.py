@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import itertools
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -33,7 +34,7 @@ _DROP_REQUEST = HOP_BY_HOP | {
 # rate-limit state (the team sees its quota instead).
 _DROP_RESPONSE = HOP_BY_HOP | {
     b"content-length", b"content-encoding", b"set-cookie", b"server", b"date",
-    b"www-authenticate", b"alt-svc",
+    b"www-authenticate", b"alt-svc", b"x-request-id",
 }
 _RETRY_STATUS = frozenset({429, 502, 503, 504})
 _MAX_RETRY_WAIT_S = 10.0
@@ -82,6 +83,29 @@ def retry_after_s(value: str | None) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
+class ShardedTransport(httpx.AsyncBaseTransport):
+    """Connections to the upstream, in several httpcore pools taken in turn.
+
+    httpcore walks its whole pool (and polls each idle socket) on every request and response
+    (encode/httpcore#924), so one pool of N connections costs O(N) per request: with 32
+    requests in flight that scan was most of the gateway's CPU. K pools of N/K keep it short.
+    """
+
+    def __init__(self, *, max_connections: int, shards: int = 8) -> None:
+        shards = max(1, min(shards, max_connections))
+        limits = httpx.Limits(max_connections=max_connections // shards,
+                              max_keepalive_connections=max_connections // shards)
+        self._pools = [httpx.AsyncHTTPTransport(limits=limits) for _ in range(shards)]
+        self._next = itertools.cycle(self._pools)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await next(self._next).handle_async_request(request)
+
+    async def aclose(self) -> None:
+        for pool in self._pools:
+            await pool.aclose()
+
+
 class Upstream:
     def __init__(self, config: cfg.Upstream, *,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
@@ -90,9 +114,7 @@ class Upstream:
         self._client = httpx.AsyncClient(
             base_url=config.base_url.rstrip("/") + "/",
             timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s),
-            limits=httpx.Limits(max_connections=config.max_connections,
-                                max_keepalive_connections=config.max_connections),
-            transport=transport,
+            transport=transport or ShardedTransport(max_connections=config.max_connections),
             follow_redirects=False,
             trust_env=False,
         )

@@ -218,8 +218,10 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
         data = await payload(request)
         if isinstance(data, Response):
             return data
-        n = next(state.ids)
         messages = data.get("messages") or []
+        if not isinstance(messages, list):
+            return error(400, "'messages' must be a list", "invalid_request")
+        n = next(state.ids)
         prompt = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
         words = (f"Mock answer {n} to: {prompt}"[:400]).split()
         credits = data.get("mock_credits", PRICES.get(data["model"], DEFAULT_PRICE))

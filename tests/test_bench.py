@@ -1,0 +1,98 @@
+"""Smoke test of the benchmark: `bench/run.py` starts every case, loads it for a second and
+writes a table with one row of numbers per case. No timing is asserted: numbers on a shared
+machine mean nothing, the table's existence does."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CASES = ["a", "a2", "b", "c", "c2", "d", "e", "f", "g"]
+INSTALL = {"wrk": "wrk", "nginx": "nginx", "redis-server": "redis-server"}
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _bench()
+
+
+def test_bench_writes_a_row_of_numbers_per_case(tmp_path: Path) -> None:
+    missing = [tool for tool in INSTALL if bench.find_tool(tool) is None]
+    if missing:
+        pytest.fail(f"the benchmark needs {', '.join(missing)}: "
+                    f"apt-get install -y {' '.join(INSTALL[m] for m in missing)}")
+    out = tmp_path / "RESULTS.md"
+    argv = [sys.executable, "bench/run.py", "--duration", "1", "--runs", "1", "--connections",
+            "4", "--warmup", "0", "--out", str(out)]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # run.py stops what it started, then exits
+        output, _ = proc.communicate(timeout=60)
+        pytest.fail(f"bench/run.py took more than 240 s:\n{output}")
+    assert proc.returncode == 0, output
+
+    text = out.read_text()
+    assert "python3 bench/run.py --duration 1 --runs 1 --connections 4" in text
+    assert "medians of 1 runs" in text
+    assert f"Machine: {os.cpu_count()} cores" in text
+    rows = [line for line in text.splitlines() if line.startswith("| (")]
+    labels = [bench.CASES[c].label for c in DEFAULT_CASES]
+    assert [row.split("|")[1].strip() for row in rows] == labels
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        _, rps, spread, p50, p99, vs_b, vs_c, vs_c2, added, added2, errors = cells
+        assert float(rps) > 0 and float(p50) > 0 and float(p99) >= float(p50), row
+        assert re.fullmatch(r"\d+-\d+", spread), row
+        for ratio in (vs_b, vs_c, vs_c2):
+            assert re.fullmatch(r"\d+\.\d\dx", ratio), row
+        for latency in (added, added2):
+            assert re.fullmatch(r"[+-]\d+\.\d\d ms", latency), row
+        assert errors == "0", row
+    # the gateways counted the answers the cases were meant to exercise
+    assert re.search(r"gw_redis: .*200 HIT: \d+.*200 MISS: \d+", text)
+
+
+def test_profile_summary_from_a_speedscope_file(tmp_path: Path) -> None:
+    """The py-spy part needs py-spy and ptrace; its summary is checked on a file made up here."""
+    frames = [
+        {"name": "serve", "file": str(ROOT / "gateway/server.py"), "line": 1},
+        {"name": "admit", "file": str(ROOT / "gateway/store/redis.py"), "line": 2},
+        {"name": "send", "file": "/x/site-packages/httpcore/_async/http11.py", "line": 3},
+    ]
+    samples = [[0, 1], [0, 1], [0, 2], [0]]
+    path = tmp_path / "p.speedscope.json"
+    path.write_text(json.dumps({"shared": {"frames": frames}, "profiles": [{
+        "type": "sampled", "unit": "seconds", "samples": samples, "weights": [0.005] * 4}]}))
+    summary = bench.summarise_profile(path, rate=200, duration=0.04)
+    assert summary["samples"] == 4 and summary["busy"] == 0.5
+    assert summary["own"]["admit (gateway/store/redis.py)"] == 2
+    assert summary["total"]["serve (gateway/server.py)"] == 4
+    assert summary["areas"][bench._CLIENT] == 1
+    assert summary["areas"]["gateway: store (gateway/store/)"] == 2
+
+
+def test_hand_written_findings_survive_a_new_report(tmp_path: Path) -> None:
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# old\n\n## Profile\n\nold tables\n\n## Profile findings\n\nkept\n")
+    assert bench.kept_findings(out) == "## Profile findings\n\nkept\n"
+    assert bench.kept_findings(tmp_path / "missing.md") == ""
