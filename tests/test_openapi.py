@@ -481,7 +481,8 @@ def test_regression_upstream_429_is_passed_on_with_retry_after(make_gateway: Gat
     assert "retry-after" in answer.headers
 
 
-def test_regression_one_request_id_when_the_upstream_echoes_it(make_gateway: GatewayFactory) -> None:
+def test_regression_one_request_id_when_the_upstream_echoes_it(
+        make_gateway: GatewayFactory) -> None:
     async def echo(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
@@ -506,7 +507,8 @@ def test_regression_mock_upstream_crashes_on_numeric_messages(mock: Mock) -> Non
     assert answer.status_code == 400, (answer.status_code, answer.text)
 
 
-def test_regression_reload_of_a_file_that_is_not_utf8_is_refused(mock: Mock, tmp_path: Path) -> None:
+def test_regression_reload_of_a_file_that_is_not_utf8_is_refused(mock: Mock,
+                                                                 tmp_path: Path) -> None:
     path = tmp_path / "gateway.yaml"
     raw = base_config(mock.api_url)
     path.write_text(yaml.safe_dump(raw))

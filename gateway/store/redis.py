@@ -15,6 +15,8 @@ from urllib.parse import unquote
 
 from redis.asyncio import ConnectionPool, Redis, RedisCluster, Sentinel
 from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
@@ -44,10 +46,13 @@ MAX_CONNECTIONS = 1024  # per process (per node on a cluster); Redis allows 1000
 def client_from_url(url: str, *, timeout_s: float) -> tuple[Client, list[Redis]]:
     """A redis-py asyncio client for any of the URL forms above, and the Sentinel connections
     to close with it (the password never reaches a log or an error)."""
+    # A script that timed out may still have run, so no command is ever sent twice: the caller
+    # cancels what a timed-out admission may have done (cancel.lua) instead.
+    never_again = Retry(NoBackoff(), 0)
     scheme, _, rest = url.partition("://")
     if scheme not in ("redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster"):
         pool = ConnectionPool.from_url(
-            url, max_connections=MAX_CONNECTIONS, health_check_interval=30,
+            url, max_connections=MAX_CONNECTIONS, health_check_interval=30, retry=never_again,
             socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         return Redis.from_pool(pool), []  # from_pool: closing the client closes the pool
     credentials, _, location = rest.rpartition("@")
@@ -62,7 +67,7 @@ def client_from_url(url: str, *, timeout_s: float) -> tuple[Client, list[Redis]]
     if scheme.endswith("+cluster"):
         cluster = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in hosts], username=username,
-            password=password, ssl=tls, max_connections=MAX_CONNECTIONS,
+            password=password, ssl=tls, max_connections=MAX_CONNECTIONS, retry=never_again,
             socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         return cluster, []
     service, _, db = path.partition("/")
@@ -71,7 +76,7 @@ def client_from_url(url: str, *, timeout_s: float) -> tuple[Client, list[Redis]]
         sentinel_kwargs={"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
                          "password": password, "max_connections": MAX_CONNECTIONS})
     master = sentinel.master_for(service, db=int(db or 0), username=username, password=password,
-                                 ssl=tls, max_connections=MAX_CONNECTIONS)
+                                 ssl=tls, max_connections=MAX_CONNECTIONS, retry=never_again)
     return master, list(sentinel.sentinels)
 
 
