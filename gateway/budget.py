@@ -7,6 +7,7 @@ flight (and for async tasks until their final status is seen).
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime, timedelta
 
 from .config import Period
@@ -25,6 +26,11 @@ def from_milli(milli: int) -> float:
 
 def period_id(period: Period, now: float) -> str:
     """The store field suffix of the calendar period that contains `now` (epoch seconds)."""
+    return _period_id(period, int(now))
+
+
+@functools.lru_cache(maxsize=64)  # called twice per request; the answer changes once a day
+def _period_id(period: Period, now: int) -> str:
     day = datetime.fromtimestamp(now, UTC)
     if period == "day":
         return day.strftime("d%Y-%m-%d")

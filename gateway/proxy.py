@@ -331,7 +331,7 @@ class Proxy:
             response = await self._send_upstream(req, ex, stream=False)
             reply = Reply(response.status_code, _answer_headers(response), response.content)
         finally:
-            self.rt.submit(self.rt.finish(store, self._completion(req, reply, ex)))
+            self.rt.finish(store, self._completion(req, reply, ex))
             if future is not None:
                 del self.rt.flights[req.flight]
                 if reply is not None:  # followers get their own copy to decorate
@@ -382,7 +382,7 @@ class Proxy:
                 reply = Reply(ex.status, [], tail)
             completion = self._completion(req, reply, ex, streamed=True,
                                           cut_short=started and not complete)
-            self.rt.submit(self.rt.finish(store, completion))
+            self.rt.finish(store, completion)
 
     def _completion(self, req: Prepared, reply: Reply | None, ex: Exchange, *,
                     streamed: bool = False, cut_short: bool = False) -> Completion:
@@ -483,9 +483,9 @@ class Proxy:
         if a.idempotency is not None:
             idem = (a.idempotency[0], encode_entry(reply, credits=0, ttl_s=0), IDEMPOTENCY_TTL_MS)
         if ledger or idem:
-            self.rt.submit(self.rt.finish(store, Completion(
+            self.rt.finish(store, Completion(
                 team=a.team, ticket=a.ticket, idempotency=idem, ledger=ledger,
-                ledger_min_ms=self._ledger_min_ms())))
+                ledger_min_ms=self._ledger_min_ms()))
         return reply
 
     def _saved(self, req: Prepared, reply: Reply, saved: int, store: Store) -> None:
@@ -497,8 +497,7 @@ class Proxy:
             created = _created_task(reply)
             if created is not None:
                 owner = (created, max(self.rt.policy.config.cache.task_ttl_s, 86400) * 1000)
-                self.rt.submit(self.rt.finish(store, Completion(
-                    team=a.team, ticket=a.ticket, task_owner=owner)))
+                self.rt.finish(store, Completion(team=a.team, ticket=a.ticket, task_owner=owner))
 
     async def _follow(self, req: Prepared, store: Store) -> Reply | None:
         """Wait for the request already fetching this cache key; None if it gave up."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from . import config as cfg
 from .asgi import Reply
+from .bookkeeping import Bookkeeper
 from .budget import from_milli, period_id
 from .errors import StoreUnavailable
 from .metrics import Metrics
@@ -37,6 +38,9 @@ class Runtime:
         # `store.on_error: open`: per-process quotas while the shared store is away
         self.fallback = MemoryStore(prefix=policy.config.store.key_prefix, clock=clock)
         self.flights: dict[str, asyncio.Future[Reply]] = {}
+        self.bookkeeper = Bookkeeper(
+            lambda c, settled: self.settled(c.team, c.period, settled),
+            self.metrics.store_errors.labels("finish").inc)
         self._ticket_prefix = os.urandom(6).hex()
         self._tickets = itertools.count()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -70,8 +74,12 @@ class Runtime:
         task.add_done_callback(self._tasks.discard)
 
     async def drain(self, timeout_s: float) -> None:
+        """At shutdown: wait for the background work and the bookkeeping queue to finish."""
+        deadline = time.monotonic() + timeout_s
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        await self.bookkeeper.drain(max(deadline - time.monotonic(), 0.0))
+        await self.bookkeeper.close()
 
     async def admit(self, admission: Admission) -> tuple[AdmitResult, Store]:
         """Ask the shared store; when it is away, fail closed or fall back as configured."""
@@ -102,24 +110,9 @@ class Runtime:
         log.error("store unreachable: a timed-out admission could not be cancelled",
                   extra={"fields": {"team": admission.team, "message": "cancel failed"}})
 
-    async def finish(self, store: Store, completion: Completion, *, attempts: int = 5) -> None:
-        """Bookkeeping with retries: a store blip must not lose a settlement."""
-        delay = 0.2
-        for attempt in range(attempts):
-            try:
-                settled = await store.finish(completion)
-            except StoreError:
-                self.metrics.store_errors.labels("finish").inc()
-                if attempt + 1 == attempts:
-                    log.error("store unreachable: bookkeeping deferred to the reconciler",
-                              extra={"fields": {"team": completion.team,
-                                                "message": "finish failed"}})
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            else:
-                self.settled(completion.team, completion.period, settled)
-                return
+    def finish(self, store: Store, completion: Completion) -> None:
+        """Queue a request's bookkeeping; it reaches the store in the next batch."""
+        self.bookkeeper.add(store, completion)
 
     def settled(self, team: str, period: str | None, settled: Settled) -> None:
         if not settled.settled:

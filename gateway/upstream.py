@@ -19,6 +19,7 @@ import httpx
 from . import config as cfg
 from .asgi import Headers
 from .errors import UpstreamUnavailable
+from .routes import ENDPOINTS
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
@@ -111,6 +112,8 @@ class Upstream:
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.retries = config.retries
         self._auth = (b"authorization", b"Bearer " + config.api_key.encode())
+        self._base = config.base_url.rstrip("/") + "/"
+        self._urls: dict[str, httpx.URL] = {}
         self._client = httpx.AsyncClient(
             base_url=config.base_url.rstrip("/") + "/",
             timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s),
@@ -125,6 +128,18 @@ class Upstream:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    def _url(self, path: str, query: bytes) -> httpx.URL:
+        """The absolute URL (httpx parses a relative one and the base URL on every request);
+        the documented endpoints are parsed once."""
+        if query:
+            return httpx.URL(self._base + path, query=query)
+        url = self._urls.get(path)
+        if url is None:
+            url = httpx.URL(self._base + path)
+            if path in ENDPOINTS:
+                self._urls[path] = url
+        return url
+
     async def send(
         self,
         method: str,
@@ -137,7 +152,7 @@ class Upstream:
         before_retry: Callable[[], Awaitable[None]] | None = None,
     ) -> httpx.Response:
         """Send with the organisation's key; raise `UpstreamUnavailable` when no answer came."""
-        url = httpx.URL(path, query=query) if query else path
+        url = self._url(path, query)
         request = self._client.build_request(method, url, headers=[*headers, self._auth],
                                              content=body or None)
         attempt = 0

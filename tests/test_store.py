@@ -173,6 +173,30 @@ def test_settle_up_down_and_refund(store_url: str) -> None:
     run(store_url, body)
 
 
+def test_many_completions_in_one_call(store_url: str) -> None:
+    async def body(store: Store) -> None:
+        for i in range(20):
+            await store.admit(admission(f"m{i}", reservation=reserve(f"m{i}", 1_000)))
+        batch = [Completion("t", f"m{i}", Settle.CHARGE, f"m{i}", charge=i) for i in range(20)]
+        results = await store.finish_many(batch)
+        assert [r.charged for r in results] == list(range(20))
+        assert results[-1].spent == sum(range(20)) and results[-1].reserved == 0
+        assert not any(r.settled for r in await store.finish_many(batch))  # idempotent
+
+    run(store_url, body)
+
+
+def test_a_batch_survives_a_store_that_lost_its_scripts(redis_server: RedisServer) -> None:
+    async def body(store: Store) -> None:
+        await store.admit(admission("s", reservation=reserve("s", 1_000)))
+        redis_server.cli("SCRIPT", "FLUSH")
+        (result,) = await store.finish_many([Completion("t", "s", Settle.REFUND, "s")])
+        assert result.settled and result.reserved == 0
+
+    redis_server.cli("FLUSHALL")
+    run(redis_server.url, body)
+
+
 def test_a_new_period_starts_from_zero(store_url: str) -> None:
     async def body(store: Store) -> None:
         for i in range(3):

@@ -15,6 +15,7 @@ a reservation), never over-spend. Bookkeeping (`finish`, `cancel`) splits the sa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 from .base import Admission, AdmitResult, CacheRef, Completion, Settled, Verdict
@@ -60,6 +61,9 @@ class ClusterStore(RedisStore):
                                 entry=c.cache_put[1] if c.cache_put else b"",
                                 ttl_ms=c.cache_put[2] if c.cache_put else 0)
         return await super().finish(replace(c, cache_put=None, release=None))
+
+    async def finish_many(self, completions: Sequence[Completion]) -> list[Settled]:
+        return [await self.finish(c) for c in completions]  # slots differ: one at a time
 
     async def cancel(self, a: Admission) -> None:
         if a.cache is not None and a.cache.shared:

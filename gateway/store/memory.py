@@ -290,6 +290,9 @@ class MemoryStore:
             self._record(ledger, c.ledger, c.ledger_min_ms, now)
         return settled
 
+    async def finish_many(self, completions: Sequence[Completion]) -> list[Settled]:
+        return [await self.finish(c) for c in completions]
+
     def _record(self, key: str, event: bytes, min_ms: int, now: float) -> None:
         last_ms, last_seq = self._ledger_seq
         ms = max(int(now), last_ms)

@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from ..quota import QuotaState
-from .base import IDEMPOTENCY_TTL_MS, Admission, AdmitResult, PendingReservation, Verdict
+from .base import (
+    IDEMPOTENCY_TTL_MS,
+    Admission,
+    AdmitResult,
+    Completion,
+    PendingReservation,
+    Verdict,
+)
 
 
 def reservation_record(period: str, amount: int, context: bytes) -> bytes:
@@ -64,3 +71,27 @@ def parse_admit(a: Admission, raw: list[Any]) -> AdmitResult:
         pace_delay_s=delay_ms / 1000.0,
         budget_used=None if used < 0 else int(used),
     )
+
+
+def finish_args(c: Completion) -> list[Any]:
+    idem_mode, idem_answer, idem_ttl = "", b"", 0
+    if c.idempotency:
+        idem_mode = "done" if c.idempotency[1] is not None else "drop"
+        idem_answer, idem_ttl = c.idempotency[1] or b"", c.idempotency[2]
+    return [
+        c.settle.value if c.settle else "",
+        c.reservation_id or "",
+        "" if c.charge is None else c.charge,
+        c.hold_id or "",
+        c.hold_ms,
+        c.cache_put[1] if c.cache_put else "",
+        c.cache_put[2] if c.cache_put else 0,
+        c.ticket,
+        idem_mode,
+        idem_answer,
+        idem_ttl,
+        c.task_owner[1] if c.task_owner else "",
+        c.ledger or "",
+        c.ledger_min_ms,
+        "1" if c.release else "0",
+    ]
