@@ -11,9 +11,11 @@ import asyncio
 import email.utils
 import itertools
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 
+import certifi
 import httpx
 
 from . import config as cfg
@@ -96,7 +98,9 @@ class ShardedTransport(httpx.AsyncBaseTransport):
         shards = max(1, min(shards, max_connections))
         limits = httpx.Limits(max_connections=max_connections // shards,
                               max_keepalive_connections=max_connections // shards)
-        self._pools = [httpx.AsyncHTTPTransport(limits=limits) for _ in range(shards)]
+        tls = ssl.create_default_context(cafile=certifi.where())  # loaded once, not per pool
+        self._pools = [httpx.AsyncHTTPTransport(limits=limits, verify=tls)
+                       for _ in range(shards)]
         self._next = itertools.cycle(self._pools)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
