@@ -372,6 +372,11 @@ class RunningGateway:
     def metrics(self) -> str:
         return self.client.get("/metrics").text
 
+    def team(self, name: str = "research") -> dict[str, Any]:
+        """The team's row of GET /admin/v1/teams: quota, budget, spent, reserved."""
+        teams = self.admin("GET", "teams").json()["teams"]
+        return next(t for t in teams if t["team"] == name)  # type: ignore[no-any-return]
+
     def close(self) -> None:
         self.client.close()
         self.server.stop()

@@ -151,8 +151,7 @@ def test_usage_export_matches_the_requests(redis_server: RedisServer, mock: Mock
     lines = {line.split()[0]: line.split() for line in table.stdout.splitlines()[1:]}
     # requests, cached, refunded, credits, saved
     assert lines["research"][1:] == ["5", "1", "1", "6", "1"]
-    spent = next(t for t in gateway.admin("GET", "teams").json()["teams"]
-                 if t["team"] == "research")["spent"]
+    spent = gateway.team()["spent"]
     assert float(lines["research"][4]) == spent
     assert lines["marketing"][1] == "1"
 

@@ -48,8 +48,7 @@ def test_pacing_refusal_gives_back_the_reservation(redis_cluster: RedisClusterSe
     answers = asyncio.run(burst([gateway.url], 5))
     assert Counter(a.status_code for a in answers) == {200: 2, 429: 3}
     wait_ledger(gateway, 2)
-    research = next(t for t in gateway.admin("GET", "teams").json()["teams"]
-                    if t["team"] == "research")
+    research = gateway.team()
     assert (research["spent"], research["reserved"]) == (4, 0)
 
 

@@ -75,8 +75,7 @@ def assert_consistent(gateway: RunningGateway) -> None:
     cached, and the gateway still answers."""
     deadline = time.monotonic() + 20
     while True:
-        research = next(t for t in gateway.admin("GET", "teams").json()["teams"]
-                        if t["team"] == "research")
+        research = gateway.team()
         entries, after = [], "-"
         while True:
             page = gateway.admin("GET", f"teams/research/ledger?limit=1000&after={after}").json()

@@ -32,7 +32,7 @@ def test_retry_replays_the_first_answer(make_gateway: GatewayFactory, store_url:
     assert again.headers["idempotent-replayed"] == "true"
     assert "idempotent-replayed" not in first.headers
     assert mock.count("POST videos/generations") == 1
-    (team,) = [t for t in gateway.admin("GET", "teams").json()["teams"] if t["team"] == "research"]
+    team = gateway.team()
     assert team["reserved"] == 100  # one task held, not two
 
 

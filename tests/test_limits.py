@@ -99,7 +99,7 @@ def assert_ledger_matches(gateway: RunningGateway, *, expected_credits: float,
     entries = wait_ledger(gateway, charges)
     assert len(entries) == charges
     assert sum(e["credits"] for e in entries) == expected_credits
-    (team,) = [t for t in gateway.admin("GET", "teams").json()["teams"] if t["team"] == "research"]
+    team = gateway.team()
     assert team["spent"] == expected_credits and team["reserved"] == 0
     assert team["budget"]["remaining"] == team["budget"]["credits"] - expected_credits
 
@@ -155,8 +155,7 @@ def test_budget_period_rolls_over(make_gateway: GatewayFactory, store_url: str) 
     assert [gateway.chat(f"d{i}").status_code for i in range(3)] == [200, 200, 402]
     now[0] += 2  # 2026-11-26 00:00:01
     assert gateway.chat("next day").status_code == 200
-    teams = gateway.admin("GET", "teams").json()["teams"]
-    research = next(t for t in teams if t["team"] == "research")
+    research = gateway.team()
     assert research["period"] == "d2026-11-26" and research["spent"] == 2
 
 
@@ -170,7 +169,7 @@ def test_model_allow_list_is_403_before_any_charge(make_gateway: GatewayFactory,
     assert gateway.call("POST", "images/generations", json={"model": "flux-2"}).status_code == 200
     assert mock.upstream_calls() == 1
     time.sleep(0.2)
-    (team,) = [t for t in gateway.admin("GET", "teams").json()["teams"] if t["team"] == "research"]
+    team = gateway.team()
     assert (team["spent"], team["reserved"]) == (0, 4)  # the task holds its price until it ends
 
 

@@ -52,7 +52,7 @@ def test_hung_redis_charges_nothing(private_redis: RedisServer, make_gateway: Ga
     time.sleep(0.3)
     entries = wait_ledger(gateway, 1)
     assert len(entries) == 1
-    (team,) = [t for t in gateway.admin("GET", "teams").json()["teams"] if t["team"] == "research"]
+    team = gateway.team()
     assert (team["spent"], team["reserved"]) == (2, 0)
 
 

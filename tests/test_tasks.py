@@ -86,19 +86,14 @@ def test_credits_settle_when_the_task_finishes(make_gateway: GatewayFactory,
     done = create(gateway, mock_delay_s=0.2, mock_credits=7)
     failed = create(gateway, mock_delay_s=0.2, mock_fail=True)
     time.sleep(0.1)
-    research = _team(gateway)
+    research = gateway.team()
     assert (research["spent"], research["reserved"]) == (0, 8)  # flux-2 reserves 4 each
     assert poll_until_final(gateway, done)["credits_consumed"] == 7
     assert poll_until_final(gateway, failed)["status"] == "failed"
     entries = wait_ledger(gateway, 2)
     assert sorted((e["kind"], e["credits"]) for e in entries) == [("charge", 7), ("refund", 0)]
-    research = _team(gateway)
+    research = gateway.team()
     assert (research["spent"], research["reserved"]) == (7, 0)
-
-
-def _team(gateway: RunningGateway, name: str = "research") -> dict[str, Any]:
-    teams = gateway.admin("GET", "teams").json()["teams"]
-    return next(t for t in teams if t["team"] == name)  # type: ignore[no-any-return]
 
 
 def test_shared_answer_makes_the_task_pollable_by_both_teams(make_gateway: GatewayFactory,
@@ -120,7 +115,7 @@ def test_reconciler_settles_tasks_nobody_polls(make_gateway: GatewayFactory,
     create(gateway, mock_delay_s=0.1, mock_credits=9)
     entries = wait_ledger(gateway, 1)
     assert [(e["kind"], e["credits"], e["model"]) for e in entries] == [("charge", 9, "flux-2")]
-    assert _team(gateway)["reserved"] == 0
+    assert gateway.team()["reserved"] == 0
 
 
 def test_reconciler_charges_what_a_dead_replica_reserved(redis_server: RedisServer,
@@ -144,5 +139,5 @@ def test_reconciler_charges_what_a_dead_replica_reserved(redis_server: RedisServ
     asyncio.run(reserve_and_die())
     (entry,) = wait_ledger(gateway, 1)
     assert (entry["kind"], entry["credits"], entry["request_id"]) == ("charge", 5, "lost")
-    research = _team(gateway)
+    research = gateway.team()
     assert (research["spent"], research["reserved"]) == (5, 0)
