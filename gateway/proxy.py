@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -94,6 +94,7 @@ class Exchange:
     reason: str | None = None
     policy_header: bytes | None = None
     quotas: tuple[QuotaState, ...] = ()
+    streaming: bool = False  # the answer has started: no other answer can be sent
 
 
 @dataclass(slots=True)
@@ -106,7 +107,6 @@ class Prepared:
     query: bytes
     headers: Headers
     body: bytes
-    payload: dict[str, Any] | None
     stream: bool
     task_id: str | None
     cache: CacheRef | None
@@ -114,7 +114,6 @@ class Prepared:
     admission: Admission
     context: bytes  # ledger context
     flight: str = ""  # local single-flight key
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Proxy:
@@ -134,6 +133,12 @@ class Proxy:
             except GatewayError as exc:
                 reply = error_reply(exc)
                 ex.reason = ex.reason or exc.reason
+            except Exception:  # a defect: still an answer in the error shape, and a log line
+                log.exception("unexpected error", extra={"fields": {
+                    "request_id": request_id, "message": "unexpected error"}})
+                if ex.streaming:
+                    raise
+                reply = error_reply(GatewayError("The gateway failed to answer this request."))
             if reply is not None:
                 ex.status = reply.status
                 await send_reply(send, self._decorate(reply, ex))
@@ -276,8 +281,8 @@ class Proxy:
         flight = ""
         if cache is not None:
             flight = f"{'' if cache.shared else team.name}:{cache.route}:{cache.digest}"
-        return Prepared(team, method, path, query, headers, body, payload, stream, task_id,
-                        cache, lookup, admission, context, flight)
+        return Prepared(team, method, path, query, headers, body, stream, task_id, cache, lookup,
+                        admission, context, flight)
 
     # -- forwarding ------------------------------------------------------------------------
 
@@ -354,6 +359,7 @@ class Proxy:
                 reply = Reply(response.status_code, _answer_headers(response), response.content)
                 return reply
             ex.status = response.status_code
+            ex.streaming = True
             start = Reply(response.status_code, _answer_headers(response))
             started = True
             await send({"type": "http.response.start", "status": start.status,

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -22,6 +22,9 @@ from .budget import to_milli
 from .errors import GatewayError
 from .store import StoreError
 from .store.base import Completion, PendingReservation, Settle
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 FINAL = frozenset({"completed", "succeeded", "failed", "error", "cancelled"})
 FAILED = frozenset({"failed", "error", "cancelled"})
@@ -70,7 +73,7 @@ def _credits(data: dict[str, Any]) -> int | None:
 class Reconciler:
     """Settles overdue reservations; one replica at a time does a round (a store lock)."""
 
-    def __init__(self, runtime: Any, *, interval_s: float = 30.0) -> None:
+    def __init__(self, runtime: Runtime, *, interval_s: float = 30.0) -> None:
         self.rt = runtime
         self.interval_s = interval_s
         self._owner = os.urandom(8).hex()

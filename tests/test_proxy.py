@@ -6,11 +6,15 @@ import json
 import logging
 import threading
 import time
+from typing import Any
 
 import httpx
 import pytest
 
+from gateway import config as cfg
+from gateway.app import create_app
 from gateway.routes import ASYNC_ENDPOINTS
+from gateway.store import MemoryStore
 
 from .conftest import (
     ADMIN_KEY,
@@ -19,6 +23,8 @@ from .conftest import (
     GatewayFactory,
     Mock,
     RunningGateway,
+    ServerThread,
+    base_config,
     free_port,
     raw_http,
 )
@@ -364,3 +370,26 @@ def test_concurrent_requests_share_one_client(gateway: RunningGateway, mock: Moc
         t.join()
     assert results == [200] * 20
     assert mock.count("POST chat/completions") == 20
+
+
+def test_a_defect_still_answers_in_the_error_shape(mock: Mock,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """An exception the code did not expect: a 500 in the upstream's shape, and a log line."""
+
+    class BrokenStore(MemoryStore):
+        async def admit(self, admission: Any) -> Any:
+            raise RuntimeError("a bug")
+
+    config = cfg.from_dict(base_config(mock.api_url))
+    server = ServerThread(create_app(config, store=BrokenStore())).start()
+    try:
+        response = httpx.post(f"{server.url}/api/v1/chat/completions",
+                              json={"model": "gemini"},
+                              headers={"Authorization": f"Bearer {KEYS['research']}"})
+    finally:
+        server.stop()
+    assert response.status_code == 500
+    assert error_of(response)["type"] == "server_error"
+    assert "a bug" not in response.text
+    assert any("unexpected error" in r.getMessage() for r in caplog.records)
+    assert mock.upstream_calls() == 0
