@@ -11,7 +11,6 @@ from typing import Any
 
 import orjson
 
-ACCESS = "gateway.access"
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+")
 
 

@@ -48,9 +48,6 @@ class Policy:
                 self.keys[key.sha256] = Principal(name, key.id)
                 self.key_owner[key.id] = name
         self.admin_keys = {key.sha256: key.id for key in config.admin.keys}
-        self.models = frozenset(config.pricing.models).union(
-            *(t.models for t in self.teams.values() if t.models is not None)
-        )
         upstream = config.upstream
         rpm = upstream.requests_per_minute
         # GCRA with burst B and one slot per 60/(R-B+1) s never lets more than R through in any
@@ -64,7 +61,3 @@ class Policy:
         self.hold_ms = math.ceil(
             (upstream.timeout_s * attempts + upstream.queue_timeout_s + 5.0) * 1000
         )
-
-    def model_label(self, model: str | None) -> str:
-        """Bounded model names for ledgers and logs: configured models, else `other`."""
-        return model if model is not None and model in self.models else "other"

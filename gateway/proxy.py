@@ -310,17 +310,13 @@ class Proxy:
         return response
 
     async def _book_retry(self) -> None:
-        pace = self.rt.policy.pace
-        if pace is None:
-            return
         try:
-            booked, wait = await self.rt.store.pace(pace)
+            wait = await self.rt.upstream_slot()
         except StoreError:
-            return
-        if not booked:
+            return  # the first attempt had its slot; a retry does not fail on the store
+        if wait is not None:
             raise RateLimited("The organisation's upstream allowance is spent; retry shortly.",
                               wait_s=wait)
-        await asyncio.sleep(wait)
 
     async def _forward(self, req: Prepared, result: AdmitResult, store: Store,
                        ex: Exchange) -> Reply:

@@ -110,6 +110,19 @@ class Runtime:
         log.error("store unreachable: a timed-out admission could not be cancelled",
                   extra={"fields": {"team": admission.team, "message": "cancel failed"}})
 
+    async def upstream_slot(self) -> float | None:
+        """Book the organisation's next upstream slot and wait for it (a call outside `admit`:
+        a retry, a reconciler's poll). Returns None once booked, or the seconds to wait when the
+        allowance is spent beyond the queue timeout."""
+        pace = self.policy.pace
+        if pace is None:
+            return None
+        booked, wait = await self.store.pace(pace)
+        if not booked:
+            return wait
+        await asyncio.sleep(wait)
+        return None
+
     def finish(self, store: Store, completion: Completion) -> None:
         """Queue a request's bookkeeping; it reaches the store in the next batch."""
         self.bookkeeper.add(store, completion)

@@ -113,12 +113,8 @@ class Reconciler:
                         extra={"fields": {"team": team, "period": r.period}})
             return replace(base, settle=Settle.CHARGE)
         task_id = r.id.removeprefix("task:")
-        pace = self.rt.policy.pace
-        if pace is not None:
-            booked, wait = await self.rt.store.pace(pace)
-            if not booked:
-                return None
-            await asyncio.sleep(wait)
+        if await self.rt.upstream_slot() is not None:
+            return None  # the allowance is spent: ask again next round
         try:
             response = await self.rt.upstream.send("GET", f"tasks/{task_id}", b"", [], b"")
         except GatewayError:
