@@ -60,7 +60,8 @@ def create_app(
     task_check_s: float = 600.0,
 ) -> Gateway:
     store = store or open_store(config.store.url, prefix=config.store.key_prefix,
-                                timeout_s=config.store.timeout_s, clock=clock)
+                                timeout_s=config.store.timeout_s, clock=clock,
+                                memory_max_bytes=config.store.memory_max_bytes)
     runtime = Runtime(
         Policy(config),
         store=store,
@@ -72,19 +73,23 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        runtime.loop = asyncio.get_running_loop()
         try:
             await runtime.store.connect()
         except StoreError:
             log.warning("store unreachable at start-up; requests will retry it")
-        reconciler = asyncio.create_task(
-            Reconciler(runtime, interval_s=reconcile_interval_s).run())
+        background = [
+            asyncio.create_task(Reconciler(runtime, interval_s=reconcile_interval_s).run()),
+            asyncio.create_task(runtime.keep_alive()),
+        ]
         if config_path is not None and threading.current_thread() is threading.main_thread():
             asyncio.get_running_loop().add_signal_handler(
                 signal.SIGHUP, lambda: _reload_on_signal(runtime, config_path))
         try:
             yield
         finally:
-            reconciler.cancel()
+            for task in background:
+                task.cancel()
             await runtime.drain(runtime.policy.config.listen.shutdown_grace_s)
             await runtime.upstream.aclose()
             await runtime.store.close()

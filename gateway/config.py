@@ -50,6 +50,7 @@ class Upstream:
     base_url: str = "https://apiin.one/api/v1"
     api_key: str = field(default="", repr=False, metadata=_check(secret=True))
     timeout_s: float = field(default=120.0, metadata=_check(above=0))
+    stream_timeout_s: float = field(default=600.0, metadata=_check(above=0))
     connect_timeout_s: float = field(default=10.0, metadata=_check(above=0))
     requests_per_minute: int | None = field(default=60, metadata=_check(minimum=1))
     burst: int = field(default=1, metadata=_check(minimum=1))
@@ -65,6 +66,9 @@ class Store:
     timeout_s: float = field(default=1.0, metadata=_check(above=0))
     key_prefix: str = field(default="aio", metadata=_check(pattern=_NAME))
     warn_interval_s: float = field(default=60.0, metadata=_check(minimum=0))
+    # memory:// only: keys that expire (cache entries, remembered answers, locks) are evicted,
+    # least recently used first, beyond this size (Redis: set maxmemory, volatile-lru)
+    memory_max_bytes: int = field(default=128 * 1024 * 1024, metadata=_check(minimum=1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +118,7 @@ class Admin:
 @dataclass(frozen=True, slots=True)
 class Ledger:
     retention_days: float = field(default=90.0, metadata=_check(above=0))
+    max_entries: int = field(default=1_000_000, metadata=_check(minimum=1))
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,6 +96,11 @@ class Metrics:
         self.store_errors = Labelled(Counter(
             "gateway_store_errors_total", "Store operations that failed (unreachable or slow).",
             ["operation"], registry=registry))
+        self.bookkeeping_pending = Gauge(
+            "gateway_bookkeeping_pending",
+            "Completed requests whose bookkeeping (settlement, cache, ledger) has not yet "
+            "reached the store.",
+            multiprocess_mode="livesum", registry=registry)
         self.store_fallback = Counter(
             "gateway_store_fallback_requests_total",
             "Requests served without the shared store (store.on_error: open).",

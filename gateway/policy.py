@@ -9,7 +9,10 @@ from . import quota as quotas
 from .auth import Principal
 from .budget import to_milli
 from .config import Budget, Config
-from .store.base import Pace
+from .settlement import CacheRules
+from .store.base import LedgerTrim, Pace
+
+MARGIN_S = 5.0  # a lock outlives its holder's deadline by this much
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +60,17 @@ class Policy:
             burst=upstream.burst,
             queue_ms=upstream.queue_timeout_s * 1000.0,
         )
-        attempts = 1 + upstream.retries
-        self.hold_ms = math.ceil(
-            (upstream.timeout_s * attempts + upstream.queue_timeout_s + 5.0) * 1000
-        )
+        # The whole upstream call (the wait for a slot, every attempt, reading the body) ends
+        # by its deadline, and the locks it holds (flight, idempotency, reservation) outlive it.
+        self.deadline_s = upstream.queue_timeout_s + upstream.timeout_s
+        self.stream_deadline_s = upstream.queue_timeout_s + upstream.stream_timeout_s
+        self.hold_ms = math.ceil((self.deadline_s + MARGIN_S) * 1000)
+        cache = config.cache
+        self.cache_rules = CacheRules(cache.ttl_s, cache.task_ttl_s, cache.pending_task_ttl_s,
+                                      cache.max_entry_bytes)
+        self.stream_hold_ms = math.ceil((self.stream_deadline_s + MARGIN_S) * 1000)
+
+    def ledger_trim(self, now: float) -> LedgerTrim:
+        """What the ledger keeps: `ledger.retention_days` back from `now`, `max_entries` long."""
+        ledger = self.config.ledger
+        return LedgerTrim(int((now - ledger.retention_days * 86400) * 1000), ledger.max_entries)

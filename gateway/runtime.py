@@ -7,22 +7,23 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 from . import config as cfg
-from .asgi import Reply
 from .bookkeeping import Bookkeeper
 from .budget import from_milli, period_id
 from .errors import StoreUnavailable
 from .metrics import Metrics
 from .policy import Policy
-from .store import MemoryStore, Store, StoreError
+from .singleflight import Flights
+from .store import Store, StoreError, open_store
 from .store.base import Admission, AdmitResult, Completion, Settled
 from .upstream import Upstream
 
 log = logging.getLogger("gateway")
+HEARTBEAT_S = 5.0  # a process says it is alive this often ...
+ALIVE_MS = 30_000  # ... and is taken for dead this long after it last did
 
 
 class Runtime:
@@ -35,21 +36,24 @@ class Runtime:
         self.upstream = upstream
         self.metrics = metrics
         self.clock = clock
-        # `store.on_error: open`: per-process quotas while the shared store is away
-        self.fallback = MemoryStore(prefix=policy.config.store.key_prefix, clock=clock)
-        self.flights: dict[str, asyncio.Future[Reply]] = {}
+        self._fallback: Store | None = None
+        self.flights = Flights()
         self.bookkeeper = Bookkeeper(
-            lambda c, settled: self.settled(c.team, c.period, settled),
-            self.metrics.store_errors.labels("finish").inc)
-        self._ticket_prefix = os.urandom(6).hex()
+            store,
+            on_settled=lambda c, settled: self.settled(c.team, c.period, settled),
+            on_error=self.metrics.store_errors.labels("finish").inc,
+            on_depth=self.metrics.bookkeeping_pending.set,
+        )
+        # this process's name: every ticket starts with it, and the store knows it is alive
+        self.process = os.urandom(6).hex()
         self._tickets = itertools.count()
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._warned_at = float("-inf")
+        self.loop: asyncio.AbstractEventLoop | None = None  # the one it serves on, once started
 
     def ticket(self) -> str:
         """A name for one request that no other request of any process will have: it owns the
         request's locks and reservation (the client's X-Request-ID may be reused)."""
-        return f"{self._ticket_prefix}{next(self._tickets):x}"
+        return f"{self.process}.{next(self._tickets):x}"
 
     def reload(self, path: str) -> cfg.Config:
         """Apply a changed config file; in-flight requests finish under the one they started with.
@@ -67,28 +71,32 @@ class Runtime:
         log.info("config reloaded")
         return config
 
-    def submit(self, work: Coroutine[Any, Any, Any]) -> None:
-        """Run bookkeeping after the response; `drain` waits for it at shutdown."""
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def drain(self, timeout_s: float) -> None:
-        """At shutdown: wait for the background work and the bookkeeping queue to finish."""
-        deadline = time.monotonic() + timeout_s
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout_s)
-        await self.bookkeeper.drain(max(deadline - time.monotonic(), 0.0))
+        """At shutdown: let the bookkeeping land (within the grace period), then stop it."""
+        await self.bookkeeper.drain(timeout_s)
         await self.bookkeeper.close()
+
+    async def keep_alive(self) -> None:
+        """Tell the store, every few seconds, that this process is alive: the reconciler only
+        settles the reservations of processes that are not."""
+        while True:
+            try:
+                await self.store.heartbeat(self.process, ALIVE_MS)
+            except StoreError:
+                self.metrics.store_errors.labels("heartbeat").inc()
+            await asyncio.sleep(HEARTBEAT_S)
 
     async def admit(self, admission: Admission) -> tuple[AdmitResult, Store]:
         """Ask the shared store; when it is away, fail closed or fall back as configured."""
+        if self.bookkeeper.saturated:  # the store is not keeping up with what it already has
+            self.metrics.store_errors.labels("admit").inc()
+            raise StoreUnavailable()
         try:
             return await self.store.admit(admission), self.store
-        except StoreError:
+        except StoreError as exc:
             self.metrics.store_errors.labels("admit").inc()
-            # the script may still run once the store answers again: make sure it does nothing
-            self.submit(self._cancel(admission))
+            if exc.maybe_ran:  # the script may still run once the store answers: undo it then
+                self.bookkeeper.cancel(admission)
             if self.policy.config.store.on_error == "closed":
                 raise StoreUnavailable() from None
         self.metrics.store_fallback.inc()
@@ -96,19 +104,16 @@ class Runtime:
         if now - self._warned_at >= self.policy.config.store.warn_interval_s:
             self._warned_at = now
             log.warning("store unreachable: serving without shared limits (store.on_error: open)")
-        return await self.fallback.admit(replace(admission, budget_limit=None)), self.fallback
+        return await self.fallback.admit(replace(admission, budget_limit=None,
+                                                 key_budget_limit=None)), self.fallback
 
-    async def _cancel(self, admission: Admission, *, attempts: int = 40) -> None:
-        delay = 0.25
-        for _ in range(attempts):
-            try:
-                await self.store.cancel(admission)
-                return
-            except StoreError:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        log.error("store unreachable: a timed-out admission could not be cancelled",
-                  extra={"fields": {"team": admission.team, "message": "cancel failed"}})
+    @property
+    def fallback(self) -> Store:
+        """`store.on_error: open`: per-process quotas while the shared store is away."""
+        if self._fallback is None:
+            self._fallback = open_store("memory://", prefix=self.policy.config.store.key_prefix,
+                                        clock=self.clock, memory_max_bytes=16 * 1024 * 1024)
+        return self._fallback
 
     async def upstream_slot(self) -> float | None:
         """Book the organisation's next upstream slot and wait for it (a call outside `admit`:
@@ -124,8 +129,22 @@ class Runtime:
         return None
 
     def finish(self, store: Store, completion: Completion) -> None:
-        """Queue a request's bookkeeping; it reaches the store in the next batch."""
-        self.bookkeeper.add(store, completion)
+        """Queue a request's bookkeeping; it lands in the next batch (or when the store is back).
+        """
+        if store is self.store:
+            self.bookkeeper.add(completion)
+        else:
+            asyncio.get_running_loop().create_task(self._local(store, completion))
+
+    async def commit(self, store: Store, completion: Completion) -> None:
+        """Write a request's bookkeeping before its answer is released."""
+        if store is self.store:
+            await self.bookkeeper.commit(completion)
+        else:
+            await self._local(store, completion)
+
+    async def _local(self, store: Store, completion: Completion) -> None:
+        self.settled(completion.team, completion.period, await store.finish(completion))
 
     def settled(self, team: str, period: str | None, settled: Settled) -> None:
         if not settled.settled:

@@ -3,6 +3,7 @@ project's mock upstream. Nothing is faked: the gateway talks to them over loopba
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -371,6 +372,13 @@ class RunningGateway:
 
     def metrics(self) -> str:
         return self.client.get("/metrics").text
+
+    def drain(self, timeout: float = 20) -> None:
+        """Wait until the bookkeeping of every answered request has reached the store."""
+        runtime = self.app.runtime
+        landed = asyncio.run_coroutine_threadsafe(runtime.bookkeeper.drain(timeout),
+                                                  runtime.loop).result(timeout + 5)
+        assert landed, "the bookkeeping did not reach the store in time"
 
     def team(self, name: str = "research") -> dict[str, Any]:
         """The team's row of GET /admin/v1/teams: quota, budget, spent, reserved."""

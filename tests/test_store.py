@@ -15,6 +15,7 @@ from gateway.store.base import (
     Admission,
     CacheRef,
     Completion,
+    LedgerTrim,
     Pace,
     Reservation,
     Settle,
@@ -393,14 +394,15 @@ def test_pacing_books_slots_then_refuses(store_url: str) -> None:
 def test_ledger_pages_and_retention(store_url: str) -> None:
     async def body(store: Store) -> None:
         for i in range(5):
-            await store.finish(Completion("t", f"l{i}", ledger=b'{"n": %d}' % i))
+            await store.finish(Completion("t", f"l{i}", event=b'{"n": %d}' % i))
         first = await store.ledger("t", limit=2)
         rest = await store.ledger("t", after=first[-1].id, limit=10)
         assert [orjson.loads(e.event)["n"] for e in first + rest] == [0, 1, 2, 3, 4]
         await asyncio.sleep(0.01)
         cutoff = int(rest[-1].id.split("-")[0]) + 1  # retention ends just after entry 4
         await asyncio.sleep(0.01)
-        await store.finish(Completion("t", "l5", ledger=b'{"n": 5}', ledger_min_ms=cutoff))
+        await store.finish(Completion("t", "l5", event=b'{"n": 5}',
+                                      ledger=LedgerTrim(min_ms=cutoff)))
         kept = await store.ledger("t")
         assert [orjson.loads(e.event)["n"] for e in kept] == [5]
 

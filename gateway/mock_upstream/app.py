@@ -7,11 +7,18 @@
 - Chat completions with `usage` and `credits_consumed`; `"stream": true` as server-sent events.
 - The account's own limit (60 requests per minute by default): 429 rate_limit with Retry-After.
 
-Test hooks in the request body: `mock_credits` (credits to report), `mock_delay_s` (task
-duration), `mock_fail` (the task fails), `mock_chunk_delay_s` (pause between stream events),
-`mock_hold` (a stream stops after its first event until `POST /_mock/release`).
+Test hooks in the request body: `mock_credits` (credits to report), `mock_raw_credits` (a
+string written as is where the credits go, e.g. `1e999`), `mock_delay_s` (task duration),
+`mock_fail` (the task fails), `mock_final` (`completed` or `failed`: an async POST answers with
+that final status at once), `mock_chunk_delay_s` (pause between stream events), `mock_hold` (a
+stream stops after its first event until `POST /_mock/release`).
 Control endpoints under `/_mock/`: `faults` (queue failures: a status, a slow answer, a slow
-drip, a dropped connection), `stats`, `reset`, `config`, `release`.
+drip, a dropped connection), `stats`, `bill`, `reset`, `config`, `release`.
+
+The bill (`GET /_mock/bill`) is what the account would be charged, as a real upstream would
+bill: the credits it reports in every answer it delivers whole; a task's credits once it
+completes, whether anyone asked or not; a stream cut after it began at the model's list price;
+nothing for an error, a refusal, or an answer the client was gone before receiving.
 """
 
 from __future__ import annotations
@@ -66,6 +73,48 @@ class State:
     window: deque[float] = field(default_factory=deque)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     held: list[asyncio.Event] = field(default_factory=list)
+    billed: list[float] = field(default_factory=list)  # answers and cut streams, not tasks
+
+    def bill(self) -> dict[str, Any]:
+        now = time.time()
+        tasks = sum(_number(t["credits"]) for t in self.tasks.values()
+                    if now - t["created"] >= t["delay"] and not t["fail"])
+        return {"answers": sum(self.billed), "tasks": tasks, "total": sum(self.billed) + tasks,
+                "pending_tasks": sum(now - t["created"] < t["delay"]
+                                     for t in self.tasks.values())}
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def list_price(model: str) -> float:
+    return float(PRICES.get(model, DEFAULT_PRICE))
+
+
+class Billed:
+    """Delivers an answer; its credits go on the bill only if the client was still there when
+    the whole answer had been sent."""
+
+    def __init__(self, state: State, answer: Any, credits: float) -> None:
+        self.state, self.answer, self.credits = state, answer, credits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await self.answer(scope, receive, send)
+            await asyncio.sleep(0)  # a disconnect that came during the answer is seen now
+        finally:
+            watcher.cancel()
+        if not gone.is_set():
+            self.state.billed.append(self.credits)
 
 
 def error(status: int, message: str, type_: str, headers: dict[str, str] | None = None) -> Response:
@@ -173,16 +222,26 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
             return data
         task_id = f"task_{next(state.ids):06d}{int(time.time() * 1000) % 100000:05d}"
         created = time.time()
-        state.tasks[task_id] = {
+        final = data.get("mock_final")
+        task = {
             "model": data["model"],
             "created": created,
-            "delay": float(data.get("mock_delay_s", state.settings.task_delay_s)),
-            "credits": data.get("mock_credits", PRICES.get(data["model"], DEFAULT_PRICE)),
-            "fail": bool(data.get("mock_fail", False)),
+            "delay": 0.0 if final else float(data.get("mock_delay_s",
+                                                      state.settings.task_delay_s)),
+            "credits": data.get("mock_credits", list_price(data["model"])),
+            "fail": final == "failed" or bool(data.get("mock_fail", False)),
             "kind": path,
         }
-        answer = json({"id": task_id, "status": "pending", "model": data["model"],
-                       "created_at": _iso(created)})
+        state.tasks[task_id] = task
+        body: dict[str, Any] = {"id": task_id, "status": "pending", "model": data["model"],
+                                "created_at": _iso(created)}
+        if final == "completed":
+            body.update(status="completed", credits_consumed=task["credits"])
+        elif final == "failed":
+            body.update(status="failed", error={"message": "Generation failed"})
+            if "mock_credits" in data:
+                body["credits_consumed"] = task["credits"]
+        answer = json(body)
         return faulted(gated, answer) if gated else answer
 
     async def task_status(request: Request) -> Any:
@@ -224,7 +283,8 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
         n = next(state.ids)
         prompt = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
         words = (f"Mock answer {n} to: {prompt}"[:400]).split()
-        credits = data.get("mock_credits", PRICES.get(data["model"], DEFAULT_PRICE))
+        credits = data.get("mock_credits", list_price(data["model"]))
+        raw = data.get("mock_raw_credits")
         usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(words),
                  "total_tokens": len(prompt.split()) + len(words)}
         if data.get("stream") is True and not (gated and (gated.status or gated.drop)):
@@ -233,15 +293,24 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
             if data.get("mock_hold"):
                 hold = asyncio.Event()
                 state.held.append(hold)
-            return StreamingResponse(_events(n, data["model"], words, usage, credits, pause, hold),
-                                     media_type="text/event-stream")
-        answer = json({
+            events = _events(state, n, data["model"], words, usage, credits, raw, pause, hold)
+            return StreamingResponse(events, media_type="text/event-stream")
+        body = orjson.dumps({
             "id": f"chatcmpl_{n}", "object": "chat.completion", "model": data["model"],
             "choices": [{"index": 0, "finish_reason": "stop",
                          "message": {"role": "assistant", "content": " ".join(words)}}],
             "usage": usage, "credits_consumed": credits,
         })
-        return faulted(gated, answer) if gated else answer
+        if isinstance(raw, str):
+            body = body.replace(b'"credits_consumed":' + orjson.dumps(credits),
+                                b'"credits_consumed":' + raw.encode())
+        answer = Response(body, 200, media_type="application/json")
+        if gated:
+            faulty = faulted(gated, answer)
+            if not isinstance(faulty, Dripping):
+                return faulty
+            answer = faulty
+        return Billed(state, answer, _number(credits) if raw is None else 0.0)
 
     async def other(request: Request) -> Any:
         gated = await gate(request, request.path_params["rest"])
@@ -254,12 +323,17 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
         state.faults.append(Fault(**data))
         return json({"queued": len(state.faults)})
 
+    async def control_bill(request: Request) -> Response:
+        return json(state.bill())
+
     async def control_stats(request: Request) -> Response:
         return json({"counts": dict(state.counts), "requests": list(state.log),
                      "faults": len(state.faults), "tasks": len(state.tasks)})
 
     async def control_reset(request: Request) -> Response:
         state.faults.clear()
+        state.billed.clear()
+        state.tasks.clear()
         state.counts.clear()
         state.log.clear()
         state.window.clear()
@@ -287,6 +361,7 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
               methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]),
         Route("/_mock/faults", control_faults, methods=["POST"]),
         Route("/_mock/stats", control_stats, methods=["GET"]),
+        Route("/_mock/bill", control_bill, methods=["GET"]),
         Route("/_mock/reset", control_reset, methods=["POST"]),
         Route("/_mock/config", control_config, methods=["POST"]),
         Route("/_mock/release", control_release, methods=["POST"]),
@@ -296,20 +371,33 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
     return app
 
 
-async def _events(n: int, model: str, words: list[str], usage: dict[str, int], credits: Any,
-                  pause: float, hold: asyncio.Event | None) -> Any:
-    for i, word in enumerate(words):
-        chunk = {"id": f"chatcmpl_{n}", "object": "chat.completion.chunk", "model": model,
-                 "choices": [{"index": 0, "delta": {"content": word + " "}}]}
-        yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-        if i == 0 and hold is not None:
-            await hold.wait()
-        await asyncio.sleep(pause)
-    final = {"id": f"chatcmpl_{n}", "object": "chat.completion.chunk", "model": model,
-             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-             "usage": usage, "credits_consumed": credits}
-    yield b"data: " + orjson.dumps(final) + b"\n\n"
-    yield b"data: [DONE]\n\n"
+async def _events(state: State, n: int, model: str, words: list[str], usage: dict[str, int],
+                  credits: Any, raw: Any, pause: float, hold: asyncio.Event | None) -> Any:
+    """The events of a streamed chat; billed at the reported credits once the last one has
+    been sent, at the model's list price if the stream is cut before."""
+    billed = False
+    try:
+        for i, word in enumerate(words):
+            chunk = {"id": f"chatcmpl_{n}", "object": "chat.completion.chunk", "model": model,
+                     "choices": [{"index": 0, "delta": {"content": word + " "}}]}
+            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+            if i == 0 and hold is not None:
+                await hold.wait()
+            await asyncio.sleep(pause)
+        final = orjson.dumps({"id": f"chatcmpl_{n}", "object": "chat.completion.chunk",
+                              "model": model,
+                              "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                              "usage": usage, "credits_consumed": credits})
+        if isinstance(raw, str):
+            final = final.replace(b'"credits_consumed":' + orjson.dumps(credits),
+                                  b'"credits_consumed":' + raw.encode())
+        yield b"data: " + final + b"\n\n"
+        billed = True
+        state.billed.append(_number(credits) if raw is None else 0.0)
+        yield b"data: [DONE]\n\n"
+    finally:
+        if not billed:
+            state.billed.append(list_price(model))
 
 
 def _iso(ts: float) -> str:

@@ -1,32 +1,36 @@
 """Backends chosen by URL scheme: `memory://` (embedded), or Redis (`redis://`, `rediss://`,
-`redis+sentinel://`, `redis+cluster://`; see `redis.py`)."""
+`redis+sentinel://`, `redis+cluster://`; see `redis.py`). Both run the scripts in `lua/`."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 
-from .base import Store, StoreError
-from .memory import MemoryStore
+from .base import ScriptFailed, Store, StoreError
+from .scripts import ScriptStore
+
+MEMORY_MAX_BYTES = 128 * 1024 * 1024
 
 
 def open_store(url: str, *, prefix: str = "aio", timeout_s: float = 1.0,
-               clock: Callable[[], float] = time.time) -> Store:
+               clock: Callable[[], float] = time.time,
+               memory_max_bytes: int = MEMORY_MAX_BYTES) -> ScriptStore:
     if url.startswith("memory://"):
-        return MemoryStore(prefix=prefix, clock=clock)
+        from .memory import EmbeddedEngine
+
+        return ScriptStore(EmbeddedEngine(clock=clock, max_bytes=memory_max_bytes), prefix=prefix)
+    from .redis import RedisEngine, client_from_url
+
     if url.startswith(("redis+cluster://", "rediss+cluster://")):
         from .cluster import ClusterStore
-        from .redis import client_from_url
 
         client, _ = client_from_url(url, timeout_s=timeout_s)
-        return ClusterStore(client, prefix=prefix)
+        return ClusterStore(RedisEngine(client), prefix=prefix)
     if url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://",
                        "rediss+sentinel://")):
-        from .redis import RedisStore, client_from_url
-
         client, sentinels = client_from_url(url, timeout_s=timeout_s)
-        return RedisStore(client, prefix=prefix, also_close=sentinels)
+        return ScriptStore(RedisEngine(client, also_close=sentinels), prefix=prefix)
     raise ValueError(f"unsupported store URL scheme: {url.split('://')[0]!r}")
 
 
-__all__ = ["MemoryStore", "Store", "StoreError", "open_store"]
+__all__ = ["ScriptFailed", "ScriptStore", "Store", "StoreError", "open_store"]

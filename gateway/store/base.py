@@ -2,11 +2,14 @@
 
 `admit` is the hot path: one round trip decides a proxied request (revocation, idempotency,
 quota, task ownership, cache lookup and single-flight lock, budget reservation, upstream pacing)
-and writes only when the request is let through. `finish` does all the bookkeeping after the
-response in one more round trip. Both backends implement the same semantics; Redis in Lua on its
-own clock, memory in Python on the injected clock.
+and writes only when the request is let through. `finish` carries out what the end of a request
+decided (settle, cache, remember, own, record) in one more round trip; it is idempotent per
+ticket, so the bookkeeping may send it again until it lands. Both backends run the same Lua
+scripts (`lua/*.lua`): Redis on its own clock, `memory://` in-process on the injected clock.
 
-Every backend failure surfaces as `StoreError`, so fail-open / fail-closed is decided in one place.
+Failures: `StoreError` means the store could not be reached or did not answer in time (fail open
+or closed is decided in one place); `maybe_ran` says whether the command may still have run.
+`ScriptFailed` means the store answered with an error: a defect, never retried.
 """
 
 from __future__ import annotations
@@ -22,24 +25,34 @@ from ..quota import Quota, QuotaState
 class StoreError(Exception):
     """The store could not be reached or did not answer in time."""
 
+    def __init__(self, message: str, *, maybe_ran: bool = True) -> None:
+        super().__init__(message)
+        self.maybe_ran = maybe_ran  # False: the command certainly never reached the store
+
+
+class ScriptFailed(Exception):
+    """The store ran a script and it failed (a defect: retrying gives the same error)."""
+
 
 class Verdict(enum.IntEnum):
     ADMIT = 0  # forward upstream; reservation, flight lock and pacing slot taken as asked
     HIT = 1  # answered from the cache entry in `AdmitResult.entry`
     FOLLOW = 2  # another request is fetching this cache key; wait for its answer
     REPLAY = 3  # Idempotency-Key seen before: replay `AdmitResult.entry`
-    QUOTA = 4  # team quota spent
-    BUDGET = 5  # team budget cannot hold the reservation
+    QUOTA = 4  # a quota window is spent (the team's or the key's)
+    BUDGET = 5  # the team's budget cannot hold the reservation
     PACE = 6  # the organisation's upstream allowance is spent beyond the queue timeout
     NOT_FOUND = 7  # task unknown to this team
     REVOKED = 8  # key revoked at run time
     IDEM_BUSY = 9  # same Idempotency-Key still in flight
     IDEM_MISMATCH = 10  # same Idempotency-Key, another body
     CANCELLED = 11  # `cancel` ran first for this ticket: nothing was done
+    KEY_BUDGET = 12  # the key's own budget cannot hold the reservation
 
 
 CANCEL_TTL_MS = 10 * 60 * 1000  # how long a cancelled ticket's tombstone stays
 IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000  # how long an Idempotency-Key's answer is kept
+GUARD_TTL_MS = 7 * 24 * 3600 * 1000  # a guarded completion is never applied twice in this time
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,13 +74,22 @@ class Pace:
 
 
 @dataclass(frozen=True, slots=True)
+class LedgerTrim:
+    """How the ledger stream is kept bounded: entries before `min_ms`, beyond `max_len`."""
+
+    min_ms: int = 0
+    max_len: int = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
-    """Credits held from a team's budget for one request (or one async task)."""
+    """Credits held from a team's budget (and its key's, if `key` is set) for one request."""
 
     id: str
     period: str
     amount: int  # millicredits
-    context: bytes  # JSON ledger context (key id, model, route, request id)
+    context: bytes  # the ledger event's JSON object: team, key id, model, route, ids
+    key: str = ""  # the key whose own budget also holds it ('' = none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +104,11 @@ class Admission:
     task_id: str | None = None  # GET /tasks/{id}: the team must own it
     cache: CacheRef | None = None  # look up; on a miss take the flight lock
     reservation: Reservation | None = None
-    budget_limit: int | None = None  # millicredits; None = no budget
+    budget_limit: int | None = None  # millicredits; None = no team budget
+    key_budget_limit: int | None = None  # millicredits; None = no budget for the key
     pace: Pace | None = None
-    hit_event: bytes | None = None  # ledger event (JSON) to append if answered from cache
-    ledger_min_ms: int = 0
+    hit_event: bytes | None = None  # ledger context to record if answered from cache
+    ledger: LedgerTrim = LedgerTrim()
     served: tuple[bytes, int] | None = None  # (entry, ttl ms) found elsewhere: a hit
 
 
@@ -99,23 +122,26 @@ class AdmitResult:
     entry_ttl_s: float = 0.0
     pace_delay_s: float = 0.0
     budget_used: int | None = None  # spent + reserved in the period, millicredits
+    key_budget_used: int | None = None  # the same for the key's own budget
 
 
 class Settle(enum.Enum):
-    CHARGE = "charge"  # settle the reservation to `Completion.charge`
+    CHARGE = "charge"  # settle the reservation to `Completion.charge` (None: as reserved)
     REFUND = "refund"  # release it whole
     HOLD = "hold"  # keep it, keyed by the task id, until the task's final status
 
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """All the bookkeeping of one finished request, done in one round trip."""
+    """All the bookkeeping of one finished request, done in one round trip, idempotently:
+    a reservation is settled once (by whoever removes it), locks are only released by their
+    owner, and an `event` with no reservation behind it is guarded per ticket."""
 
     team: str
     ticket: str
     settle: Settle | None = None
     reservation_id: str | None = None
-    period: str | None = None
+    period: str | None = None  # the reservation's period (for the budget gauge)
     charge: int | None = None  # millicredits; None with CHARGE = the reserved amount
     hold_id: str | None = None  # with HOLD: the reservation's new id (task:<id>)
     hold_ms: int = 0
@@ -123,8 +149,8 @@ class Completion:
     release: CacheRef | None = None  # flight lock to release, if still ours
     idempotency: tuple[str, bytes | None, int] | None = None  # (digest, answer or None = drop, ttl)
     task_owner: tuple[str, int] | None = None  # (task id, ttl ms): the team may poll it
-    ledger: bytes | None = None  # an event with no reservation behind it (cache hit)
-    ledger_min_ms: int = 0  # trim ledger entries older than this
+    event: bytes | None = None  # a ledger event no reservation stands behind (coalesced)
+    ledger: LedgerTrim = LedgerTrim()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +186,14 @@ class PendingReservation:
     deadline_ms: int
     period: str
     amount: int
-    context: bytes = field(repr=False)
+    key: str = ""
+    context: bytes = field(default=b"", repr=False)
+
+
+def process_of(reservation_id: str) -> str:
+    """The process that made a request's reservation (tickets are `<process>.<n>`)."""
+    process, dot, _ = reservation_id.partition(".")
+    return process if dot else ""
 
 
 class Store(Protocol):
@@ -171,11 +204,16 @@ class Store(Protocol):
 
     async def admit(self, admission: Admission) -> AdmitResult: ...
     async def finish(self, completion: Completion) -> Settled: ...
-    async def finish_many(self, completions: Sequence[Completion]) -> list[Settled]: ...
+    async def finish_many(self, completions: Sequence[Completion]) -> list[Settled | Exception]:
+        """Many completions in one round trip; each result is its `Settled`, or the error that
+        kept it from landing (`StoreError`: try again; anything else: it never will)."""
+        ...
     async def cancel(self, admission: Admission) -> None: ...
     async def pace(self, pace: Pace) -> tuple[bool, float]: ...
     async def flight(self, team: str, ref: CacheRef) -> Flight: ...
 
+    async def heartbeat(self, process: str, ttl_ms: int) -> None: ...
+    async def alive(self, processes: Sequence[str]) -> set[str]: ...
     async def budgets(self, teams: Sequence[tuple[str, str]]) -> list[BudgetUsage]: ...
     async def reservations(self, team: str) -> list[PendingReservation]: ...
     async def ledger(self, team: str, *, after: str = "-",

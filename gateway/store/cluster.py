@@ -18,20 +18,30 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from .base import Admission, AdmitResult, CacheRef, Completion, Settled, Verdict
-from .redis import RedisStore
+import orjson
+
+from .base import (
+    Admission,
+    AdmitResult,
+    CacheRef,
+    Completion,
+    ScriptFailed,
+    Settled,
+    StoreError,
+    Verdict,
+)
+from .scripts import ScriptStore
 
 _LEAD, _HIT = 0, 1
 
 
-class ClusterStore(RedisStore):
-    scripts = (*RedisStore.scripts, "lookup", "store_entry")
-
+class ClusterStore(ScriptStore):
     async def admit(self, a: Admission) -> AdmitResult:
         shared = a.cache if a.cache is not None and a.cache.shared else None
         if shared is not None:
-            state, entry, ttl_ms = await self._run(
-                "lookup", list(self.keys.cache(a.team, shared)), [a.ticket, a.hold_ms])
+            state, entry, ttl_ms = await self.engine.run(
+                "lookup", list(self.keys.cache(a.team, shared)),
+                [orjson.dumps({"ticket": a.ticket, "hold_ms": a.hold_ms})])
             if state == _HIT:  # the team's script answers it, bookkeeping included
                 return await super().admit(replace(a, cache=None, reservation=None, pace=None,
                                                    served=(entry, max(ttl_ms, 0))))
@@ -62,8 +72,15 @@ class ClusterStore(RedisStore):
                                 ttl_ms=c.cache_put[2] if c.cache_put else 0)
         return await super().finish(replace(c, cache_put=None, release=None))
 
-    async def finish_many(self, completions: Sequence[Completion]) -> list[Settled]:
-        return [await self.finish(c) for c in completions]  # slots differ: one at a time
+    async def finish_many(self, completions: Sequence[Completion]) -> list[Settled | Exception]:
+        """One at a time: a completion may span two slots (see above)."""
+        out: list[Settled | Exception] = []
+        for completion in completions:
+            try:
+                out.append(await self.finish(completion))
+            except (StoreError, ScriptFailed) as exc:
+                out.append(exc)
+        return out
 
     async def cancel(self, a: Admission) -> None:
         if a.cache is not None and a.cache.shared:
@@ -73,5 +90,8 @@ class ClusterStore(RedisStore):
 
     async def _store_entry(self, team: str, ref: CacheRef, ticket: str, *, release: bool,
                            entry: bytes = b"", ttl_ms: int = 0) -> None:
-        await self._run("store_entry", list(self.keys.cache(team, ref)),
-                        [entry, ttl_ms, ticket, "1" if release else "0"])
+        fields = {"ticket": ticket, "release": release or None,
+                  "cache_ttl_ms": ttl_ms if entry else None}
+        await self.engine.run("store_entry", list(self.keys.cache(team, ref)),
+                              [orjson.dumps({k: v for k, v in fields.items() if v is not None}),
+                               entry])

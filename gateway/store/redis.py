@@ -1,4 +1,4 @@
-"""The Redis store: shared by every replica; each operation is one Lua script called by SHA.
+"""The Redis engine: shared by every replica; each store operation is one Lua script called by SHA.
 
 URLs: `redis://` and `rediss://` (one server), `redis+sentinel://[:password@]h1:26379,h2:26379/
 <service>[/db]` (the master Sentinel names), `redis+cluster://[:password@]h1:6379,h2:6379`
@@ -7,9 +7,9 @@ URLs: `redis://` and `rediss://` (one server), `redis+sentinel://[:password@]h1:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
-from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -19,25 +19,19 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError
-
-from .base import (
-    CANCEL_TTL_MS,
-    Admission,
-    AdmitResult,
-    BudgetUsage,
-    CacheRef,
-    Completion,
-    Flight,
-    LedgerEntry,
-    Pace,
-    PendingReservation,
-    Settled,
-    StoreError,
-    Verdict,
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
 )
-from .keys import Keys
-from .records import admit_args, finish_args, parse_admit, parse_reservation
+
+from .base import ScriptFailed, StoreError
+from .payload import Args
+from .scripts import SCRIPTS, Call, source
 
 T = TypeVar("T")
 Client = Redis | RedisCluster
@@ -109,35 +103,32 @@ def client_from_url(url: str, *, timeout_s: float) -> tuple[Client, list[Redis]]
     return master, list(sentinel.sentinels)
 
 
-def _source(name: str) -> str:
-    lua = resources.files("gateway.store") / "lua"
-    return (lua / "lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+def store_error(exc: BaseException) -> StoreError | ScriptFailed:
+    """What a redis-py failure means: the script failed (a defect), or the store is away (and
+    whether the command may still have run: not when the connection could not be made)."""
+    transient = (ReadOnlyError, TryAgainError, ClusterDownError, AskError, NoScriptError)
+    if (isinstance(exc, ResponseError) and not isinstance(exc, transient)
+            and not str(exc).startswith(("BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS", "OOM"))):
+        return ScriptFailed(f"redis: {exc}")
+    never_sent = "connecting to" in str(exc)  # redis-py's words for a connection not made
+    return StoreError(f"redis: {type(exc).__name__}", maybe_ran=not never_sent)
 
 
-class RedisStore:
-    scripts: tuple[str, ...] = ("admit", "finish", "pace", "flight", "cancel")
+class RedisEngine:
+    """Runs the store's scripts on Redis (one server, Sentinel's master, or a cluster)."""
 
-    def __init__(self, client: Client, *, prefix: str = "aio",
-                 also_close: Sequence[Redis] = ()) -> None:
-        self.keys = Keys(prefix)
+    def __init__(self, client: Client, *, also_close: Sequence[Redis] = ()) -> None:
         self._redis = client
         self._also_close = also_close
         self._scripts: dict[str, AsyncScript] = {
-            name: client.register_script(_source(name)) for name in self.scripts
+            name: client.register_script(source(name)) for name in SCRIPTS
         }
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(prefix={self.keys.prefix!r})"
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         try:
             return await operation()
         except (TimeoutError, RedisError, OSError) as exc:
-            raise StoreError(f"redis: {type(exc).__name__}") from None
-
-    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        script = self._scripts[name]
-        return await self._call(lambda: script(keys=keys, args=args))
+            raise store_error(exc) from None
 
     async def connect(self) -> None:
         """Load the scripts now, so the first requests do not pay for it (and fail early)."""
@@ -149,137 +140,39 @@ class RedisStore:
         for client in self._also_close:
             await client.aclose()
 
-    async def ping(self) -> None:
-        await self._call(self._redis.ping)
+    async def run(self, name: str, keys: Sequence[str], args: Args) -> Any:
+        script = self._scripts[name]
+        return await self._call(lambda: script(keys=keys, args=args))
 
-    async def now(self) -> float:
-        seconds, micros = await self._call(self._redis.time)
-        return float(seconds) + micros / 1e6
-
-    # Unused KEYS slots get a name in the team's own hash slot: the script never touches them,
-    # and Redis Cluster then sees every key of the call in one slot.
-
-    async def admit(self, a: Admission) -> AdmitResult:
-        k = self.keys
-        entry_key, flight_key = k.cache(a.team, a.cache) if a.cache else ("", "")
-        keys = [
-            k.team(a.team, "revoked"),
-            k.team(a.team, "quota"),
-            k.idempotency(a.team, a.idempotency[0]) if a.idempotency else k.team(a.team, "idem"),
-            k.task(a.team, a.task_id) if a.task_id else k.team(a.team, "task"),
-            entry_key or k.team(a.team, "cache"),
-            flight_key or k.team(a.team, "flight"),
-            k.team(a.team, "budget"),
-            k.team(a.team, "resv"),
-            k.org("pace") if a.pace else k.team(a.team, "pace"),
-            k.team(a.team, f"void:{a.ticket}"),
-            k.team(a.team, "ledger"),
-        ]
-        raw = await self._run("admit", keys, admit_args(a))
-        return parse_admit(a, raw)
-
-    async def cancel(self, a: Admission) -> None:
-        k = self.keys
-        flight_key = k.cache(a.team, a.cache)[1] if a.cache else k.team(a.team, "flight")
-        keys = [
-            k.team(a.team, f"void:{a.ticket}"),
-            k.team(a.team, "resv"),
-            k.team(a.team, "budget"),
-            flight_key,
-            k.idempotency(a.team, a.idempotency[0]) if a.idempotency else k.team(a.team, "idem"),
-        ]
-        args = [a.ticket, a.reservation.id if a.reservation else "", CANCEL_TTL_MS]
-        await self._run("cancel", keys, args)
-
-    async def finish(self, c: Completion) -> Settled:
-        keys, args = self._finish_call(c)
-        return _settled(await self._run("finish", keys, args))
-
-    async def finish_many(self, completions: Sequence[Completion]) -> list[Settled]:
-        """Many completions in one round trip (a pipeline, not a transaction: each script is
-        atomic on its own, and they need not be atomic together)."""
-        script = self._scripts["finish"]
-        calls = [self._finish_call(c) for c in completions]
+    async def run_many(self, calls: Sequence[Call]) -> list[Any]:
+        """One pipeline (not a transaction: each script is atomic on its own). Scripts the store
+        lost (it restarted) are loaded and only those calls sent again: they never ran. A
+        cluster has no pipelines for scripts: there, the calls go out together instead."""
+        if isinstance(self._redis, RedisCluster):
+            replies = await asyncio.gather(*(self.run(*call) for call in calls),
+                                           return_exceptions=True)
+            for reply in replies:
+                if isinstance(reply, BaseException) and not isinstance(reply, Exception):
+                    raise reply  # cancelled
+            return list(replies)
 
         async def send(todo: list[int]) -> list[Any]:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for i in todo:
-                    keys, args = calls[i]
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    name, keys, args = calls[i]
+                    pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
                 return await pipe.execute(raise_on_error=False)
 
         results: list[Any] = await self._call(lambda: send(list(range(len(calls)))))
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:  # the store restarted and lost its scripts: load, then send those again
-            await self._call(partial(self._redis.script_load, script.script))
+        if missing:
+            for name in {calls[i][0] for i in missing}:
+                await self._call(partial(self._redis.script_load, self._scripts[name].script))
             for i, result in zip(missing, await self._call(lambda: send(missing)), strict=True):
                 results[i] = result
-        failed = next((r for r in results if isinstance(r, Exception)), None)
-        if failed is not None:
-            raise StoreError(f"redis: {type(failed).__name__}")
-        return [_settled(r) for r in results]
+        return [store_error(r) if isinstance(r, Exception) else r for r in results]
 
-    def _finish_call(self, c: Completion) -> tuple[list[str], list[Any]]:
-        k = self.keys
-        entry_key, flight_key = ("", "")
-        ref = c.cache_put[0] if c.cache_put else c.release
-        if ref is not None:
-            entry_key, flight_key = k.cache(c.team, ref)
-        keys = [
-            k.team(c.team, "resv"),
-            k.team(c.team, "budget"),
-            k.team(c.team, "ledger"),
-            entry_key or k.team(c.team, "cache"),
-            flight_key or k.team(c.team, "flight"),
-            k.idempotency(c.team, c.idempotency[0]) if c.idempotency else k.team(c.team, "idem"),
-            k.task(c.team, c.task_owner[0]) if c.task_owner else k.team(c.team, "task"),
-        ]
-        return keys, finish_args(c)
-
-    async def pace(self, pace: Pace) -> tuple[bool, float]:
-        booked, wait = await self._run(
-            "pace", [self.keys.org("pace")], [pace.interval_ms, pace.burst, pace.queue_ms]
-        )
-        return bool(booked), wait / 1000.0
-
-    async def flight(self, team: str, ref: CacheRef) -> Flight:
-        entry, ttl, held = await self._run("flight", list(self.keys.cache(team, ref)), [])
-        return Flight(entry or None, max(ttl, 0) / 1000.0, bool(held))
-
-    async def budgets(self, teams: Sequence[tuple[str, str]]) -> list[BudgetUsage]:
-        async def read() -> list[Any]:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for team, period in teams:
-                    pipe.hmget(self.keys.team(team, "budget"), f"spent:{period}",
-                               f"reserved:{period}")
-                return await pipe.execute()
-
-        rows = await self._call(read)
-        return [BudgetUsage(int(s or 0), int(r or 0)) for s, r in rows]
-
-    async def reservations(self, team: str) -> list[PendingReservation]:
-        raw = await self._call(lambda: self._redis.hgetall(self.keys.team(team, "resv")))
-        return [parse_reservation(_text(rid), _bytes(value)) for rid, value in raw.items()]
-
-    async def ledger(self, team: str, *, after: str = "-", limit: int = 100) -> list[LedgerEntry]:
-        start = after if after == "-" else f"({after}"
-        rows = await self._call(
-            lambda: self._redis.xrange(self.keys.team(team, "ledger"), start, "+", count=limit)
-        )
-        return [LedgerEntry(_text(rid), _bytes((fields or {})[b"e"])) for rid, fields in rows or []]
-
-    async def revoke(self, team: str, key_id: str, revoked: bool) -> None:
-        key = self.keys.team(team, "revoked")
-        op = self._redis.sadd if revoked else self._redis.srem
-        await self._call(lambda: op(key, key_id))
-
-    async def revoked(self, team: str) -> set[str]:
-        members = await self._call(lambda: self._redis.smembers(self.keys.team(team, "revoked")))
-        return {_text(m) for m in members}
-
-    async def flush_cache(self, *, route: str | None = None, team: str | None = None) -> int:
-        pattern = self.keys.cache_pattern(route=route, team=team)
-
+    async def delete_matching(self, pattern: str) -> int:
         async def flush() -> int:
             removed = 0
             batch: list[bytes] = []
@@ -293,23 +186,3 @@ class RedisStore:
             return removed
 
         return await self._call(flush)
-
-    async def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
-        key = self.keys.org(name)
-        return bool(await self._call(lambda: self._redis.set(key, owner, px=ttl_ms, nx=True)))
-
-
-__all__ = ["RedisStore", "Verdict"]
-
-
-def _settled(reply: Any) -> Settled:
-    settled, spent, reserved, charged = reply
-    return Settled(bool(settled), int(spent), int(reserved), int(charged))
-
-
-def _bytes(value: Any) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode()
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,7 +1,10 @@
 -- lib.lua: prepended to every script when it is loaded (Redis scripts cannot include files).
+-- Every script takes one named payload, ARGV[1] (JSON, built in gateway/store/payload.py), and
+-- runs on the store's own clock.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local p = cjson.decode(ARGV[1])
 
 -- Book the next upstream slot (GCRA): returns true, delay ms to wait before sending; or
 -- false, ms until a request would be queued no longer than `queue`.
@@ -16,11 +19,40 @@ local function pace(key, interval, burst, queue)
   return true, delay
 end
 
--- Remove a reservation; returns its period, amount and ledger context, or nil if it is gone.
-local function take_reservation(key, id)
-  local held = redis.call('HGET', key, id)
+-- A reservation as the reservations hash keeps it: "deadline|period|amount|key|context".
+local function reservation(deadline, period, amount, key, context)
+  return string.format('%d|%s|%d|%s|%s', deadline, period, amount, key, context)
+end
+
+-- Remove a reservation; returns its period, amount, key and ledger context, or nil if gone.
+local function take_reservation(hash, id)
+  local held = redis.call('HGET', hash, id)
   if not held then return nil end
-  redis.call('HDEL', key, id)
-  local _, period, amount, context = string.match(held, '^(%d+)|([^|]*)|(%d+)|(.*)$')
-  return period, tonumber(amount), context
+  redis.call('HDEL', hash, id)
+  local _, period, amount, key, context = string.match(held, '^(%d+)|([^|]*)|(%d+)|([^|]*)|(.*)$')
+  return period, tonumber(amount), key, context
+end
+
+-- Move `amount` out of (or, negative, into) a period's `reserved`, for the team and its key.
+local function unreserve(hash, period, amount, key)
+  if amount == 0 then return end
+  redis.call('HINCRBY', hash, 'reserved:' .. period, -amount)
+  if key ~= '' then redis.call('HINCRBY', hash, 'k:' .. key .. ':reserved:' .. period, -amount) end
+end
+
+local function spend(hash, period, amount, key)
+  if amount == 0 then return end
+  redis.call('HINCRBY', hash, 'spent:' .. period, amount)
+  if key ~= '' then redis.call('HINCRBY', hash, 'k:' .. key .. ':spent:' .. period, amount) end
+end
+
+-- A ledger event: the reservation's JSON context (an object) with the outcome's fields added.
+local function event(context, fields)
+  return string.sub(context, 1, -2) .. fields .. '}'
+end
+
+-- Append to a ledger stream, kept within its retention and its length.
+local function record(key, ledger, entry)
+  redis.call('XADD', key, 'MAXLEN', ledger.max_len, '*', 'e', entry)
+  redis.call('XTRIM', key, 'MINID', ledger.min_ms .. '-0')
 end

@@ -1,0 +1,172 @@
+"""Forwarding: one upstream call within its deadline, or a stream relayed to the client.
+
+The deadline (`ParsedRequest.deadline_s`) covers the whole call: the wait for a pacing slot,
+every attempt and its backoff, and reading the body. It ends before the locks the request holds
+expire (`Policy.hold_ms`), so no second leader can start while the first is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from .asgi import Headers, Message, Receive, Reply, wait_disconnect
+from .errors import RateLimited, UpstreamUnavailable
+from .request import ParsedRequest
+from .runtime import Runtime
+from .settlement import End
+from .store import StoreError
+from .upstream import response_headers
+
+log = logging.getLogger("gateway")
+TAIL_BYTES = 65536  # what a stream keeps of its end: the last events carry the credits
+
+
+class Upstreamed:
+    """What the upstream call did, for the access log and the metrics."""
+
+    __slots__ = ("seconds", "status")
+
+    def __init__(self) -> None:
+        self.status: str | None = None  # the upstream's status, or `error`
+        self.seconds: float | None = None
+
+
+@dataclass(slots=True)
+class Streamed:
+    """How a streamed request ended."""
+
+    end: End  # STREAM, CUT, or ANSWER (a non-2xx answer, read whole and not yet sent)
+    status: int
+    headers: Headers
+    tail: bytes  # the last bytes of the stream, or the whole non-2xx answer
+    recorded: bytes | None  # the whole stream, for an Idempotency-Key (None: too large)
+    client_gone: bool = False
+
+
+async def fetch(rt: Runtime, req: ParsedRequest, seen: Upstreamed, *,
+                pace_delay_s: float) -> Reply:
+    """The upstream's whole answer; raises `UpstreamUnavailable` when none came in time."""
+    try:
+        async with asyncio.timeout(req.deadline_s):
+            if pace_delay_s > 0:
+                await asyncio.sleep(pace_delay_s)
+            response = await _send(rt, req, seen, stream=False)
+            return Reply(response.status_code, answer_headers(response), response.content)
+    except TimeoutError:
+        raise UpstreamUnavailable("The upstream API did not answer in time.", status=504) from None
+
+
+async def relay(rt: Runtime, req: ParsedRequest, seen: Upstreamed, receive: Receive,
+                send: Callable[[Message], Awaitable[None]], start: Callable[[Reply], Headers], *,
+                pace_delay_s: float, record_limit: int) -> Streamed:
+    """Relay a 2xx event stream to the client as it comes; `start` decorates its head. Raises
+    `UpstreamUnavailable` when no answer began in time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + req.deadline_s
+    try:
+        async with asyncio.timeout_at(deadline):
+            if pace_delay_s > 0:
+                await asyncio.sleep(pace_delay_s)
+            response = await _send(rt, req, seen, stream=True)
+            if not 200 <= response.status_code < 300:
+                await response.aread()
+                return Streamed(End.ANSWER, response.status_code, answer_headers(response),
+                                response.content, response.content)
+    except TimeoutError:
+        raise UpstreamUnavailable("The upstream API did not answer in time.", status=504) from None
+    headers = answer_headers(response)
+    await send({"type": "http.response.start", "status": response.status_code,
+                "headers": start(Reply(response.status_code, list(headers)))})
+    gone = asyncio.ensure_future(wait_disconnect(receive))
+    chunks: list[bytes] | None = []
+    recorded = tail = 0
+    tail_chunks: list[bytes] = []
+    complete = False
+    try:
+        async with asyncio.timeout_at(deadline):
+            async for chunk in response.aiter_bytes():
+                if gone.done():
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                tail_chunks.append(chunk)
+                tail += len(chunk)
+                while tail - len(tail_chunks[0]) >= TAIL_BYTES:
+                    tail -= len(tail_chunks.pop(0))
+                if chunks is not None:
+                    recorded += len(chunk)
+                    if recorded <= record_limit:
+                        chunks.append(chunk)
+                    else:
+                        chunks = None
+            else:
+                complete = True
+    except (httpx.TransportError, TimeoutError) as exc:
+        log.warning("upstream stream broke off", extra={"fields": {
+            "request_id": req.request_id, "error": type(exc).__name__}})
+    finally:
+        client_gone = gone.done()
+        gone.cancel()
+        await response.aclose()
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return Streamed(End.STREAM if complete else End.CUT, response.status_code, headers,
+                    b"".join(tail_chunks), b"".join(chunks) if chunks is not None else None,
+                    client_gone)
+
+
+async def _send(rt: Runtime, req: ParsedRequest, seen: Upstreamed,
+                *, stream: bool) -> httpx.Response:
+    started = time.perf_counter()
+    try:
+        response = await rt.upstream.send(req.method, req.path, req.query, req.headers, req.body,
+                                          stream=stream, before_retry=_retry_slot(rt))
+    except UpstreamUnavailable:
+        _seen(rt, req, seen, "error", started)
+        raise
+    _seen(rt, req, seen, str(response.status_code), started)
+    if response.status_code in (401, 402):
+        await response.aclose()
+        log.error("upstream refused the organisation's key or account",
+                  extra={"fields": {"upstream_status": response.status_code,
+                                    "request_id": req.request_id}})
+        raise UpstreamUnavailable(
+            "The gateway's upstream account needs attention (operators have been alerted). "
+            "This request was not charged.",
+            status=502 if response.status_code == 401 else 503,
+        )
+    return response
+
+
+def _retry_slot(rt: Runtime) -> Callable[[], Awaitable[None]]:
+    async def book() -> None:
+        try:
+            wait = await rt.upstream_slot()
+        except StoreError:
+            return  # the first attempt had its slot; a retry does not fail on the store
+        if wait is not None:
+            raise RateLimited("The organisation's upstream allowance is spent; retry shortly.",
+                              wait_s=wait)
+
+    return book
+
+
+def _seen(rt: Runtime, req: ParsedRequest, seen: Upstreamed, status: str, started: float) -> None:
+    seconds = time.perf_counter() - started
+    seen.status, seen.seconds = status, seconds
+    rt.metrics.upstream_requests.labels(req.route, status).inc()
+    rt.metrics.upstream_duration.labels(req.route).observe(seconds)
+
+
+def answer_headers(response: httpx.Response) -> Headers:
+    """The upstream's headers a client may see; `Retry-After` only where it means something."""
+    status = response.status_code
+    headers = [(k, v) for k, v in response_headers(response.headers)
+               if k != b"retry-after" or status in (429, 503)]
+    if status == 429 and not any(k == b"retry-after" for k, _ in headers):
+        headers.append((b"retry-after", b"1"))  # the contract promises one on every 429
+    return headers

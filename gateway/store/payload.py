@@ -1,0 +1,121 @@
+"""What each script is given (one named JSON payload, plus raw blobs) and what it answers.
+
+The field names here are the ones the scripts read (`p.<name>` in lua/*.lua); a field that is
+None is left out, since JSON null would reach Lua as a truthy value. Blobs (cache entries,
+remembered answers) travel as raw bytes in ARGV[2..]: they need not be UTF-8.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from ..quota import QuotaState
+from .base import (
+    CANCEL_TTL_MS,
+    GUARD_TTL_MS,
+    IDEMPOTENCY_TTL_MS,
+    Admission,
+    AdmitResult,
+    Completion,
+    PendingReservation,
+    Settled,
+    Verdict,
+)
+
+Args = list[bytes | str | int]
+
+
+def _pack(fields: dict[str, Any]) -> bytes:
+    return orjson.dumps({k: v for k, v in fields.items() if v is not None})
+
+
+def _ledger(trim: Any) -> dict[str, int]:
+    return {"min_ms": trim.min_ms, "max_len": trim.max_len}
+
+
+def admit(a: Admission) -> Args:
+    r, idem = a.reservation, a.idempotency
+    payload = _pack({
+        "ticket": a.ticket,
+        "key": a.key_id,
+        "hold_ms": a.hold_ms,
+        "count": a.count_quota,
+        "quotas": [[q.name, q.limit, q.period_ms] for q in a.quotas] or None,
+        "idem": {"fp": idem[1], "ttl_ms": IDEMPOTENCY_TTL_MS} if idem else None,
+        "task": True if a.task_id else None,
+        "cache": True if a.cache else None,
+        "served_ttl_ms": a.served[1] if a.served else None,
+        "resv": {"id": r.id, "period": r.period, "amount": r.amount, "key": r.key,
+                 "context": r.context.decode()} if r else None,
+        "budget": a.budget_limit if r else None,
+        "key_budget": a.key_budget_limit if r and r.key else None,
+        "pace": {"interval_ms": a.pace.interval_ms, "burst": a.pace.burst,
+                 "queue_ms": a.pace.queue_ms} if a.pace else None,
+        "hit_event": a.hit_event.decode() if a.hit_event else None,
+        "ledger": _ledger(a.ledger),
+    })
+    return [payload, a.served[0] if a.served else b""]
+
+
+def parse_admit(a: Admission, raw: list[Any]) -> AdmitResult:
+    verdict, now_ms, retry_ms, delay_ms, used, key_used, entry, ttl_ms = raw[:8]
+    states = tuple(
+        QuotaState(q, int(raw[8 + 2 * i]), raw[9 + 2 * i] / 1000.0)
+        for i, q in enumerate(a.quotas)
+    )
+    return AdmitResult(
+        verdict=Verdict(verdict),
+        now=now_ms / 1000.0,
+        quotas=states,
+        retry_after_s=retry_ms / 1000.0,
+        entry=entry or None,
+        entry_ttl_s=max(ttl_ms, 0) / 1000.0,
+        pace_delay_s=delay_ms / 1000.0,
+        budget_used=None if used < 0 else int(used),
+        key_budget_used=None if key_used < 0 else int(key_used),
+    )
+
+
+def finish(c: Completion) -> Args:
+    idem_mode, answer = None, b""
+    if c.idempotency:
+        idem_mode = "done" if c.idempotency[1] is not None else "drop"
+        answer = c.idempotency[1] or b""
+    payload = _pack({
+        "ticket": c.ticket,
+        "settle": c.settle.value if c.settle and c.reservation_id else None,
+        "rid": c.reservation_id if c.settle else None,
+        "charge": c.charge,
+        "hold_id": c.hold_id,
+        "hold_ms": c.hold_ms if c.hold_id else None,
+        "cache_ttl_ms": c.cache_put[2] if c.cache_put else None,
+        "release": True if c.release else None,
+        "idem": idem_mode,
+        "idem_ttl_ms": c.idempotency[2] if c.idempotency else None,
+        "owner_ttl_ms": c.task_owner[1] if c.task_owner else None,
+        "event": c.event.decode() if c.event else None,
+        "guard_ms": GUARD_TTL_MS if c.event else None,
+        "ledger": _ledger(c.ledger),
+    })
+    return [payload, c.cache_put[1] if c.cache_put else b"", answer]
+
+
+def parse_settled(raw: Any) -> Settled:
+    settled, spent, reserved, charged = raw
+    return Settled(bool(settled), int(spent), int(reserved), int(charged))
+
+
+def cancel(a: Admission) -> Args:
+    rid = a.reservation.id if a.reservation else None
+    return [_pack({"ticket": a.ticket, "rid": rid, "tomb_ms": CANCEL_TTL_MS})]
+
+
+def parse_reservation(rid: str, value: bytes) -> PendingReservation:
+    deadline, period, amount, key, context = value.split(b"|", 4)
+    return PendingReservation(rid, int(deadline), period.decode(), int(amount), key.decode(),
+                              context)
+
+
+EMPTY: Args = [b"{}"]

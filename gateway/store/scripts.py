@@ -1,0 +1,214 @@
+"""The store, as the Lua scripts in `lua/`: one implementation for every backend.
+
+An `Engine` runs a named script (Redis, over the network; the embedded store, in-process); this
+class builds the keys and payloads and reads the replies, so `memory://` and Redis cannot drift.
+Unused KEYS slots get a name in the team's own hash slot: the script never touches them, and
+Redis Cluster then sees every key of a call in one slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any, Protocol
+
+import orjson
+
+from . import payload
+from .base import (
+    Admission,
+    AdmitResult,
+    BudgetUsage,
+    CacheRef,
+    Completion,
+    Flight,
+    LedgerEntry,
+    Pace,
+    PendingReservation,
+    Settled,
+)
+from .keys import Keys
+
+SCRIPTS = ("admit", "finish", "cancel", "pace", "flight", "lookup", "store_entry", "alive",
+           "command", "now")
+
+Call = tuple[str, Sequence[str], payload.Args]
+
+
+class Engine(Protocol):
+    """Runs the scripts; raises `StoreError` (unreachable, slow) or `ScriptFailed`."""
+
+    async def connect(self) -> None: ...
+    async def close(self) -> None: ...
+    async def run(self, name: str, keys: Sequence[str], args: payload.Args) -> Any: ...
+    async def run_many(self, calls: Sequence[Call]) -> list[Any]:
+        """Each reply, or the exception that call raised (in a pipeline: one round trip)."""
+        ...
+    async def delete_matching(self, pattern: str) -> int: ...
+
+
+def source(name: str) -> str:
+    """A script as it is loaded: lib.lua first (Redis scripts cannot include files)."""
+    lua = resources.files("gateway.store") / "lua"
+    return (lua / "lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+class ScriptStore:
+    def __init__(self, engine: Engine, *, prefix: str = "aio") -> None:
+        self.keys = Keys(prefix)
+        self.engine = engine
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(prefix={self.keys.prefix!r})"
+
+    async def connect(self) -> None:
+        await self.engine.connect()
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+    async def ping(self) -> None:
+        await self.now()
+
+    async def now(self) -> float:
+        return int(await self.engine.run("now", [self.keys.org("clock")], payload.EMPTY)) / 1000
+
+    async def _command(self, key: str, cmd: str, *args: Any) -> Any:
+        return await self.engine.run("command", [key], [orjson.dumps({"cmd": cmd,
+                                                                       "args": list(args)})])
+
+    # -- the request path ----------------------------------------------------------------------
+
+    async def admit(self, a: Admission) -> AdmitResult:
+        raw = await self.engine.run("admit", self._admit_keys(a), payload.admit(a))
+        return payload.parse_admit(a, raw)
+
+    def _admit_keys(self, a: Admission) -> list[str]:
+        k, team = self.keys, a.team
+        entry_key, flight_key = k.cache(team, a.cache) if a.cache else ("", "")
+        return [
+            k.team(team, "revoked"),
+            k.team(team, "quota"),
+            k.idempotency(team, a.idempotency[0]) if a.idempotency else k.team(team, "idem"),
+            k.task(team, a.task_id) if a.task_id else k.team(team, "task"),
+            entry_key or k.team(team, "cache"),
+            flight_key or k.team(team, "flight"),
+            k.team(team, "budget"),
+            k.team(team, "resv"),
+            k.org("pace") if a.pace else k.team(team, "pace"),
+            k.team(team, f"void:{a.ticket}"),
+            k.team(team, "ledger"),
+        ]
+
+    async def cancel(self, a: Admission) -> None:
+        k, team = self.keys, a.team
+        keys = [
+            k.team(team, f"void:{a.ticket}"),
+            k.team(team, "resv"),
+            k.team(team, "budget"),
+            k.cache(team, a.cache)[1] if a.cache else k.team(team, "flight"),
+            k.idempotency(team, a.idempotency[0]) if a.idempotency else k.team(team, "idem"),
+        ]
+        await self.engine.run("cancel", keys, payload.cancel(a))
+
+    async def finish(self, completion: Completion) -> Settled:
+        return payload.parse_settled(await self.engine.run(*self._finish_call(completion)))
+
+    async def finish_many(self, completions: Sequence[Completion]) -> list[Settled | Exception]:
+        replies = await self.engine.run_many([self._finish_call(c) for c in completions])
+        return [r if isinstance(r, Exception) else payload.parse_settled(r) for r in replies]
+
+    def _finish_call(self, c: Completion) -> Call:
+        k, team = self.keys, c.team
+        entry_key, flight_key = ("", "")
+        ref = c.cache_put[0] if c.cache_put else c.release
+        if ref is not None:
+            entry_key, flight_key = k.cache(team, ref)
+        keys = [
+            k.team(team, "resv"),
+            k.team(team, "budget"),
+            k.team(team, "ledger"),
+            entry_key or k.team(team, "cache"),
+            flight_key or k.team(team, "flight"),
+            k.idempotency(team, c.idempotency[0]) if c.idempotency else k.team(team, "idem"),
+            k.task(team, c.task_owner[0]) if c.task_owner else k.team(team, "task"),
+            k.team(team, f"done:{c.ticket}"),
+        ]
+        return "finish", keys, payload.finish(c)
+
+    async def pace(self, pace: Pace) -> tuple[bool, float]:
+        booked, wait = await self.engine.run("pace", [self.keys.org("pace")], [orjson.dumps(
+            {"interval_ms": pace.interval_ms, "burst": pace.burst, "queue_ms": pace.queue_ms})])
+        return bool(booked), wait / 1000.0
+
+    async def flight(self, team: str, ref: CacheRef) -> Flight:
+        entry, ttl, held = await self.engine.run("flight", list(self.keys.cache(team, ref)),
+                                                 payload.EMPTY)
+        return Flight(entry or None, max(ttl, 0) / 1000.0, bool(held))
+
+    # -- processes -------------------------------------------------------------------------------
+
+    async def heartbeat(self, process: str, ttl_ms: int) -> None:
+        await self.engine.run("alive", [self.keys.org(f"alive:{process}")],
+                              [orjson.dumps({"ttl_ms": ttl_ms})])
+
+    async def alive(self, processes: Sequence[str]) -> set[str]:
+        if not processes:
+            return set()
+        names = list(processes)
+        flags = await self.engine.run("alive", [self.keys.org(f"alive:{p}") for p in names],
+                                      payload.EMPTY)
+        return {name for name, flag in zip(names, flags, strict=True) if flag}
+
+    # -- operators' reads and writes -------------------------------------------------------------
+
+    async def budgets(self, teams: Sequence[tuple[str, str]]) -> list[BudgetUsage]:
+        calls: list[Call] = [
+            ("command", [self.keys.team(team, "budget")],
+             [orjson.dumps({"cmd": "HMGET", "args": [f"spent:{period}", f"reserved:{period}"]})])
+            for team, period in teams
+        ]
+        out = []
+        for reply in await self.engine.run_many(calls):
+            if isinstance(reply, Exception):
+                raise reply
+            spent, reserved = reply
+            out.append(BudgetUsage(int(spent or 0), int(reserved or 0)))
+        return out
+
+    async def reservations(self, team: str) -> list[PendingReservation]:
+        flat = await self._command(self.keys.team(team, "resv"), "HGETALL")
+        return [payload.parse_reservation(_text(flat[i]), flat[i + 1])
+                for i in range(0, len(flat), 2)]
+
+    async def ledger(self, team: str, *, after: str = "-", limit: int = 100) -> list[LedgerEntry]:
+        start = after if after == "-" else f"({after}"
+        rows = await self._command(self.keys.team(team, "ledger"), "XRANGE", start, "+",
+                                   "COUNT", limit)
+        return [LedgerEntry(_text(rid), _field(fields, b"e")) for rid, fields in rows or []]
+
+    async def revoke(self, team: str, key_id: str, revoked: bool) -> None:
+        await self._command(self.keys.team(team, "revoked"), "SADD" if revoked else "SREM",
+                            key_id)
+
+    async def revoked(self, team: str) -> set[str]:
+        members = await self._command(self.keys.team(team, "revoked"), "SMEMBERS")
+        return {_text(m) for m in members}
+
+    async def flush_cache(self, *, route: str | None = None, team: str | None = None) -> int:
+        return await self.engine.delete_matching(self.keys.cache_pattern(route=route, team=team))
+
+    async def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
+        taken = await self._command(self.keys.org(name), "SET", owner, "NX", "PX", ttl_ms)
+        return bool(taken)
+
+
+def _field(fields: Sequence[bytes], name: bytes) -> bytes:
+    for i in range(0, len(fields), 2):
+        if fields[i] == name:
+            return fields[i + 1]
+    return b""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
