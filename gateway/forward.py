@@ -89,26 +89,32 @@ async def relay(rt: Runtime, req: ParsedRequest, seen: Upstreamed, receive: Rece
     tail_chunks: list[bytes] = []
     complete = False
     try:
-        async with asyncio.timeout_at(deadline):
-            async for chunk in response.aiter_bytes():
-                if gone.done():
-                    break
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                tail_chunks.append(chunk)
-                tail += len(chunk)
-                while tail - len(tail_chunks[0]) >= TAIL_BYTES:
-                    tail -= len(tail_chunks.pop(0))
-                if chunks is not None:
-                    recorded += len(chunk)
-                    if recorded <= record_limit:
-                        chunks.append(chunk)
-                    else:
-                        chunks = None
-            else:
+        async with asyncio.timeout_at(deadline) as scope:
+            # a client that leaves ends the relay at once, even while the upstream is silent
+            def expire(_: object) -> None:
+                scope.reschedule(loop.time())
+
+            gone.add_done_callback(expire)
+            try:
+                async for chunk in response.aiter_bytes():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    tail_chunks.append(chunk)
+                    tail += len(chunk)
+                    while tail - len(tail_chunks[0]) >= TAIL_BYTES:
+                        tail -= len(tail_chunks.pop(0))
+                    if chunks is not None:
+                        recorded += len(chunk)
+                        if recorded <= record_limit:
+                            chunks.append(chunk)
+                        else:
+                            chunks = None
                 complete = True
+            finally:
+                gone.remove_done_callback(expire)
     except (httpx.TransportError, TimeoutError) as exc:
-        log.warning("upstream stream broke off", extra={"fields": {
-            "request_id": req.request_id, "error": type(exc).__name__}})
+        if not gone.done():
+            log.warning("upstream stream broke off", extra={"fields": {
+                "request_id": req.request_id, "error": type(exc).__name__}})
     finally:
         client_gone = gone.done()
         gone.cancel()

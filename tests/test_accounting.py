@@ -146,7 +146,7 @@ def test_a_follower_does_not_remember_a_leaders_failure(
     assert books(gateway)[1] == 0
 
 
-# -- 5. a follower whose leader got no answer goes on with its own ----------------------------------
+# -- 5. a follower whose leader got no answer goes on with its own ---------------------------------
 
 
 def test_a_follower_with_a_key_whose_leader_failed_is_not_409(
@@ -164,7 +164,7 @@ def test_a_follower_with_a_key_whose_leader_failed_is_not_409(
     assert books(gateway) == (2, 0)  # only the follower's own call (gemini: 2)
 
 
-# -- 6. the deadline bounds the whole call ----------------------------------------------------------
+# -- 6. the deadline bounds the whole call ---------------------------------------------------------
 
 
 def test_a_slow_upstream_ends_every_identical_request_by_its_deadline(
@@ -306,7 +306,7 @@ def test_bookkeeping_waits_out_a_store_outage(outage_gateway: tuple[RunningGatew
     assert kinds == ["charge", "charge", "charge", "refund"]
 
 
-# -- 9. numbers from the upstream that do not parse --------------------------------------------------
+# -- 9. numbers from the upstream that do not parse ------------------------------------------------
 
 
 @pytest.mark.parametrize("raw", ["1e999", "-5", '"1.2.3"'])

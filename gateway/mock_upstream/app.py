@@ -18,7 +18,8 @@ drip, a dropped connection), `stats`, `bill`, `reset`, `config`, `release`.
 The bill (`GET /_mock/bill`) is what the account would be charged, as a real upstream would
 bill: the credits it reports in every answer it delivers whole; a task's credits once it
 completes, whether anyone asked or not; a stream cut after it began at the model's list price;
-nothing for an error, a refusal, or an answer the client was gone before receiving.
+nothing for an error, a refusal, or an answer the client was gone before receiving (a task
+whose creation was never heard of is dropped).
 """
 
 from __future__ import annotations
@@ -27,15 +28,16 @@ import asyncio
 import itertools
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 ASYNC_PATHS = ("images/generations", "videos/generations", "audio/music", "audio/speech",
                "images/tools/remove-bg")
@@ -73,13 +75,15 @@ class State:
     window: deque[float] = field(default_factory=deque)
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     held: list[asyncio.Event] = field(default_factory=list)
-    billed: list[float] = field(default_factory=list)  # answers and cut streams, not tasks
+    billed: list[tuple[str, float]] = field(default_factory=list)  # (X-Request-ID, credits)
 
     def bill(self) -> dict[str, Any]:
         now = time.time()
-        tasks = sum(_number(t["credits"]) for t in self.tasks.values()
-                    if now - t["created"] >= t["delay"] and not t["fail"])
-        return {"answers": sum(self.billed), "tasks": tasks, "total": sum(self.billed) + tasks,
+        tasks = sum(_number(t["fail_credits"] if t["fail"] else t["credits"])
+                    for t in self.tasks.values() if now - t["created"] >= t["delay"])
+        answers = sum(credits for _, credits in self.billed)
+        return {"answers": answers, "tasks": tasks, "total": answers + tasks,
+                "items": [list(item) for item in self.billed],
                 "pending_tasks": sum(now - t["created"] < t["delay"]
                                      for t in self.tasks.values())}
 
@@ -94,27 +98,37 @@ def list_price(model: str) -> float:
 
 class Billed:
     """Delivers an answer; its credits go on the bill only if the client was still there when
-    the whole answer had been sent."""
+    the whole answer had been sent (else `lost` is called)."""
 
-    def __init__(self, state: State, answer: Any, credits: float) -> None:
-        self.state, self.answer, self.credits = state, answer, credits
+    def __init__(self, state: State, answer: Any, credits: float,
+                 lost: Callable[[], object] | None = None) -> None:
+        self.state, self.answer, self.credits, self.lost = state, answer, credits, lost
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()
+        delivered = False
 
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
             gone.set()
 
+        async def send_last(message: Message) -> None:
+            nonlocal delivered
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                await asyncio.sleep(0)  # a disconnect that came during the answer is seen now
+                delivered = not gone.is_set()
+            await send(message)
+
         watcher = asyncio.ensure_future(watch())
         try:
-            await self.answer(scope, receive, send)
-            await asyncio.sleep(0)  # a disconnect that came during the answer is seen now
+            await self.answer(scope, receive, send_last)
         finally:
             watcher.cancel()
-        if not gone.is_set():
-            self.state.billed.append(self.credits)
+        if delivered:
+            self.state.billed.append((_request_id(scope), self.credits))
+        elif self.lost is not None:
+            self.lost()
 
 
 def error(status: int, message: str, type_: str, headers: dict[str, str] | None = None) -> Response:
@@ -155,6 +169,41 @@ class Dripping(Response):
                         "more_body": True})
             await asyncio.sleep(self.pause_s)
         await send({"type": "http.response.body", "body": b""})
+
+
+class EventStream:
+    """Server-sent events that stop as soon as the client goes away (even while the next event
+    is being waited for), and always close their generator: its `finally` does the billing."""
+
+    def __init__(self, events: Any) -> None:
+        self.events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        gone = asyncio.ensure_future(disconnected())
+        try:
+            while True:
+                step = asyncio.ensure_future(self.events.__anext__())
+                await asyncio.wait({step, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    step.cancel()
+                    await asyncio.gather(step, return_exceptions=True)
+                    return
+                try:
+                    chunk = step.result()
+                except StopAsyncIteration:
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            gone.cancel()
+            await self.events.aclose()
 
 
 def create_mock_app(settings: Settings | None = None) -> Starlette:
@@ -220,6 +269,8 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
         data = await payload(request)
         if isinstance(data, Response):
             return data
+        if gated and (gated.status or gated.drop):  # refused or cut: no task was made
+            return faulted(gated, json({}))
         task_id = f"task_{next(state.ids):06d}{int(time.time() * 1000) % 100000:05d}"
         created = time.time()
         final = data.get("mock_final")
@@ -230,6 +281,8 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
                                                       state.settings.task_delay_s)),
             "credits": data.get("mock_credits", list_price(data["model"])),
             "fail": final == "failed" or bool(data.get("mock_fail", False)),
+            # what a failed task reports it cost: nothing, unless told at once (mock_final)
+            "fail_credits": data.get("mock_credits", 0) if final == "failed" else 0,
             "kind": path,
         }
         state.tasks[task_id] = task
@@ -240,9 +293,11 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
         elif final == "failed":
             body.update(status="failed", error={"message": "Generation failed"})
             if "mock_credits" in data:
-                body["credits_consumed"] = task["credits"]
-        answer = json(body)
-        return faulted(gated, answer) if gated else answer
+                body["credits_consumed"] = task["fail_credits"]
+        answer: Any = json(body)
+        if gated:
+            answer = faulted(gated, answer)
+        return Billed(state, answer, 0.0, lost=lambda: state.tasks.pop(task_id, None))
 
     async def task_status(request: Request) -> Any:
         task_id = request.path_params["task_id"]
@@ -261,7 +316,7 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
             body["status"] = "processing"
         elif task["fail"]:
             body.update(status="failed", error={"message": "Generation failed"},
-                        credits_consumed=0)
+                        credits_consumed=task["fail_credits"])
         else:
             ext = "mp4" if "video" in task["kind"] else "mp3" if "audio" in task["kind"] else "png"
             body.update(status="completed", completed_at=_iso(task["created"] + task["delay"]),
@@ -287,14 +342,18 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
         raw = data.get("mock_raw_credits")
         usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(words),
                  "total_tokens": len(prompt.split()) + len(words)}
-        if data.get("stream") is True and not (gated and (gated.status or gated.drop)):
+        if data.get("stream") is True and not (gated and gated.status):
             pause = float(data.get("mock_chunk_delay_s", 0.05))
             hold = None
             if data.get("mock_hold"):
                 hold = asyncio.Event()
                 state.held.append(hold)
-            events = _events(state, n, data["model"], words, usage, credits, raw, pause, hold)
-            return StreamingResponse(events, media_type="text/event-stream")
+            if await request.is_disconnected():  # gone during a slow start: nothing began
+                return Response(status_code=499)
+            events = _events(state, request.headers.get("x-request-id", ""), n, data["model"],
+                             words, usage, credits, raw, pause, hold,
+                             drop=bool(gated and gated.drop))
+            return EventStream(events)
         body = orjson.dumps({
             "id": f"chatcmpl_{n}", "object": "chat.completion", "model": data["model"],
             "choices": [{"index": 0, "finish_reason": "stop",
@@ -371,16 +430,20 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
     return app
 
 
-async def _events(state: State, n: int, model: str, words: list[str], usage: dict[str, int],
-                  credits: Any, raw: Any, pause: float, hold: asyncio.Event | None) -> Any:
+async def _events(state: State, request_id: str, n: int, model: str, words: list[str],
+                  usage: dict[str, int], credits: Any, raw: Any, pause: float,
+                  hold: asyncio.Event | None, drop: bool = False) -> Any:
     """The events of a streamed chat; billed at the reported credits once the last one has
-    been sent, at the model's list price if the stream is cut before."""
+    been sent, at the model's list price if the stream is cut before (by the client, or by
+    the upstream itself: `drop` cuts the connection after the first event)."""
     billed = False
     try:
         for i, word in enumerate(words):
             chunk = {"id": f"chatcmpl_{n}", "object": "chat.completion.chunk", "model": model,
                      "choices": [{"index": 0, "delta": {"content": word + " "}}]}
             yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+            if drop:
+                raise ConnectionAbortedError("mock upstream: dropped the stream")
             if i == 0 and hold is not None:
                 await hold.wait()
             await asyncio.sleep(pause)
@@ -393,11 +456,15 @@ async def _events(state: State, n: int, model: str, words: list[str], usage: dic
                                   b'"credits_consumed":' + raw.encode())
         yield b"data: " + final + b"\n\n"
         billed = True
-        state.billed.append(_number(credits) if raw is None else 0.0)
+        state.billed.append((request_id, _number(credits) if raw is None else 0.0))
         yield b"data: [DONE]\n\n"
     finally:
         if not billed:
-            state.billed.append(list_price(model))
+            state.billed.append((request_id, list_price(model)))
+
+
+def _request_id(scope: Scope) -> str:
+    return next((v.decode() for k, v in scope["headers"] if k == b"x-request-id"), "")
 
 
 def _iso(ts: float) -> str:
