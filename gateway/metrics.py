@@ -96,6 +96,10 @@ class Metrics:
         self.store_errors = Labelled(Counter(
             "gateway_store_errors_total", "Store operations that failed (unreachable or slow).",
             ["operation"], registry=registry))
+        self.keys_expiring = Labelled(Gauge(
+            "gateway_keys_expiring",
+            "Team keys whose expires_at comes within 7 or 30 days (not yet expired).",
+            ["within"], multiprocess_mode="mostrecent", registry=registry))
         self.store_fallback = Counter(
             "gateway_store_fallback_requests_total",
             "Requests served without the shared store (store.on_error: open).",

@@ -31,7 +31,6 @@ from .asgi import (
     send_reply,
     wait_disconnect,
 )
-from .auth import authenticate
 from .budget import from_milli, period_id, to_milli
 from .cache import canonical_json, client_directive, decode_entry, encode_entry, request_digest
 from .errors import (
@@ -156,7 +155,7 @@ class Proxy:
         if not routes.is_safe_path(path):
             raise NotFound("Unknown API path.")
         head = _Head(scope["headers"])
-        principal = authenticate(head.authorization, policy.keys)
+        principal = await policy.auth.authenticate(head.authorization, self.rt.clock())
         ex.team, ex.key_id = principal.team, principal.key_id
         team = policy.teams[principal.team]
         ex.policy_header = team.policy_header
