@@ -386,3 +386,17 @@ def test_the_static_key_still_works_beside_jwt(make_gateway: GatewayFactory, idp
     assert gateway.client.get("/api/v1/tasks/x", headers={
         "Authorization": f"Bearer {KEYS['research']}.x.y"}).status_code == 401
     assert idp.fetches == 0  # a static key never touches the IdP
+
+
+def test_revoking_a_key_id_also_refuses_tokens_that_name_it(
+        make_gateway: GatewayFactory, store_url: str, idp: IdP, mock: Mock,
+        rsa_key: rsa.RSAPrivateKey) -> None:
+    clock = Clock()
+    gateway = make_gateway(store_url, clock=clock, auth=jwt_section(idp.url))
+    named = sign(rsa_key, "rsa-1", claims(clock, sub="research-key"))
+    other = sign(rsa_key, "rsa-1", claims(clock, sub="batch-job"))
+    assert call(gateway, named, "before").status_code == 200
+    assert gateway.admin("POST", "keys/research-key/revoke").status_code == 200
+    for answer in (call(gateway, named, "after"), gateway.chat("static, after")):
+        assert answer.status_code == 401 and error_of(answer)["type"] == "authentication_error"
+    assert call(gateway, other, "another key id").status_code == 200
