@@ -2,7 +2,8 @@
 
     GET    /admin/v1/teams                       quota, budget, spent and remaining per team
     GET    /admin/v1/teams/{team}/ledger         one team's ledger, paged (?after=<id>&limit=)
-    GET    /admin/v1/keys                        every key id, its team, revoked or not
+    GET    /admin/v1/keys                        every key id, its team, revoked or not, its
+                                                 lifetime (?expiring_within=7d: only those)
     POST   /admin/v1/keys/{key_id}/revoke        refuse a key at once, on every replica
     DELETE /admin/v1/keys/{key_id}/revoke        accept it again
     DELETE /admin/v1/cache                       flush the cache (?route=...&team=...)
@@ -11,7 +12,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -20,21 +23,16 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from . import routes as api_routes
-from .auth import bearer_token, hash_key
+from .auth import TeamKey, timestamp
 from .budget import from_milli, period_end, period_id
 from .config import ConfigError
-from .errors import (
-    AuthenticationError,
-    InvalidRequest,
-    NotFound,
-    PermissionDenied,
-    StoreUnavailable,
-)
+from .errors import InvalidRequest, NotFound, StoreUnavailable
 from .runtime import Runtime
 from .store import StoreError
 
 PREFIX = "/admin/v1"
 _ENTRY_ID = re.compile(r"[0-9]{1,15}-[0-9]{1,19}")
+_DAYS = re.compile(r"([0-9]{1,4})d")
 
 
 def routes() -> list[BaseRoute]:
@@ -54,13 +52,9 @@ def _json(data: Any, status: int = 200) -> Response:
 
 def _authorize(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
-    token = bearer_token(request.headers.get("authorization", "").encode("latin-1"))
-    digest = hash_key(token) if token is not None else None
-    if digest is not None and digest in runtime.policy.admin_keys:
-        return runtime
-    if digest is not None and digest in runtime.policy.keys:
-        raise PermissionDenied("This key is not an admin key.")
-    raise AuthenticationError("Missing or invalid admin key.")
+    authorization = request.headers.get("authorization", "").encode("latin-1")
+    runtime.policy.auth.admin(authorization, runtime.clock())
+    return runtime
 
 
 async def _store(call: Any) -> Any:
@@ -132,12 +126,37 @@ def _event(entry_id: str, raw: bytes) -> dict[str, Any]:
 
 async def keys(request: Request) -> Response:
     runtime = _authorize(request)
-    out = []
-    for team in runtime.policy.teams:
-        revoked = await _store(runtime.store.revoked(team))
-        out += [{"id": k.id, "team": team, "revoked": k.id in revoked}
-                for k in runtime.policy.config.teams[team].keys]
-    return _json({"keys": out})
+    now = runtime.clock()
+    listed = runtime.policy.auth.team_keys
+    within = request.query_params.get("expiring_within")
+    if within is not None:
+        days = _DAYS.fullmatch(within)
+        if days is None or not 1 <= int(days[1]) <= 3650:
+            raise InvalidRequest("expiring_within must be a number of days from 1 to 3650, "
+                                 "like 7d.")
+        listed = runtime.policy.auth.expiring(now, int(days[1]) * 86400.0)
+    revoked = {team: await _store(runtime.store.revoked(team))
+               for team in {k.team for k in listed}}
+    return _json({"keys": [_key_state(k, k.key.id in revoked[k.team], now) for k in listed]})
+
+
+def _key_state(listed: TeamKey, revoked: bool, now: float) -> dict[str, Any]:
+    key = listed.key
+    start, end = timestamp(key.not_before, -math.inf), timestamp(key.expires_at, math.inf)
+    return {
+        "id": key.id,
+        "team": listed.team,
+        "revoked": revoked,
+        "not_before": _time(key.not_before),
+        "expires_at": _time(key.expires_at),
+        "valid": start <= now < end,  # its current secret, on the clock, revocation aside
+        "previous": [{"expires_at": _time(p.expires_at), "valid": now < p.expires_at.timestamp()}
+                     for p in key.previous],
+    }
+
+
+def _time(when: datetime | None) -> str | None:
+    return None if when is None else when.isoformat().replace("+00:00", "Z")
 
 
 async def revoke(request: Request) -> Response:

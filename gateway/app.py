@@ -20,6 +20,7 @@ from starlette.routing import Route
 from . import admin, logs, openapi
 from . import config as cfg
 from .asgi import Receive, RequestIdMiddleware, Scope, Send
+from .auth import EXPIRY_WINDOWS
 from .budget import period_id
 from .errors import GatewayError, MethodNotAllowed, NotFound, error_body
 from .metrics import CONTENT_TYPE, Metrics
@@ -146,6 +147,9 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     await refresh_budget_gauges(runtime)
+    for within, seconds in EXPIRY_WINDOWS.items():
+        keys = runtime.policy.auth.expiring(runtime.clock(), seconds)
+        runtime.metrics.keys_expiring.labels(within).set(len(keys))
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
 
 

@@ -6,11 +6,12 @@ import argparse
 import asyncio
 import csv
 import os
+import re
 import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -38,6 +39,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     new = keys_commands.add_parser("new", help="print a new key once, and its config line")
     new.add_argument("--team", required=True)
     new.add_argument("--id", help="key id (default: <team>-<random>)")
+    rotate = keys_commands.add_parser(
+        "rotate", help="print a new secret for a key id once, and the config lines that keep "
+                       "the old one valid for a grace period")
+    rotate.add_argument("--team", required=True)
+    rotate.add_argument("--id", required=True, help="the key id (it stays the same)")
+    rotate.add_argument("--config", help="the config file: fills in the old key's sha256")
+    until = rotate.add_mutually_exclusive_group()
+    until.add_argument("--until", help="the old key works until this time (2027-03-01T00:00:00Z)")
+    until.add_argument("--grace", default="24h",
+                       help="or for this long from now: 90m, 24h, 7d (default 24h)")
 
     usage = commands.add_parser("usage", help="per-team totals or the raw ledger")
     usage.add_argument("--config", required=True)
@@ -104,15 +115,76 @@ def _multiprocess_metrics_dir() -> None:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    if not cfg._NAME.match(args.team):
+    if not cfg._NAME.fullmatch(args.team):
         print("keys: --team uses letters, digits, '_', '.', '-'", file=sys.stderr)
         return 2
+    if args.keys_command == "rotate":
+        return _rotate(args)
     key = new_key()
     key_id = args.id or f"{args.team}-{os.urandom(3).hex()}"
     print(f"key (shown once, give it to team {args.team}): {key}")
     print(f"add under teams.{args.team}.keys:")
     print(f'  - {{id: {key_id}, sha256: "{hash_key(key)}"}}')
     return 0
+
+
+_GRACE = re.compile(r"([1-9][0-9]{0,4})([mhd])")
+_UNIT_S = {"m": 60, "h": 3600, "d": 86400}
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    """A new secret for an existing key id; the old one stays valid until the grace ends."""
+    if not cfg._NAME.fullmatch(args.id):
+        print("keys rotate: --id uses letters, digits, '_', '.', '-'", file=sys.stderr)
+        return 2
+    now = datetime.now(UTC)
+    if args.until is not None:
+        until = cfg.instant(args.until, "--until")
+    else:
+        grace = _GRACE.fullmatch(args.grace)
+        if grace is None or int(grace[1]) * _UNIT_S[grace[2]] > 366 * 86400:
+            print("keys rotate: --grace takes minutes, hours or days up to a year: 90m, 24h, 7d",
+                  file=sys.stderr)
+            return 2
+        until = now + timedelta(seconds=int(grace[1]) * _UNIT_S[grace[2]])
+    until = until.replace(microsecond=0)
+    if until <= now:
+        print("keys rotate: the old key's end (--until) must be in the future", file=sys.stderr)
+        return 2
+    old = f"<the sha256 now under id {args.id}>"
+    kept: list[cfg.PreviousKey] = []
+    if args.config is not None:
+        current = _configured_key(cfg.load(args.config), args.team, args.id)
+        if current is None:
+            print(f"keys rotate: no key {args.id!r} under teams.{args.team}.keys in "
+                  f"{args.config}", file=sys.stderr)
+            return 2
+        if current.expires_at is not None and until > current.expires_at:
+            print(f"keys rotate: the old key cannot outlive the key id, which expires at "
+                  f"{_utc(current.expires_at)}", file=sys.stderr)
+            return 2
+        old = current.sha256
+        kept = [p for p in current.previous if p.expires_at > now]
+    key = new_key()
+    print(f"key (shown once, give it to team {args.team}): {key}")
+    print(f"in teams.{args.team}.keys, in the entry with id {args.id}, set these two fields "
+          "(keep the others), then reload:")
+    print(f'  sha256: "{hash_key(key)}"')
+    print("  previous:")
+    print(f'    - {{sha256: "{old}", expires_at: "{_utc(until)}"}}')
+    for previous in kept:
+        print(f'    - {{sha256: "{previous.sha256}", expires_at: "{_utc(previous.expires_at)}"}}')
+    print(f"the new key works at once; the old one until {_utc(until)}, then it is refused")
+    return 0
+
+
+def _configured_key(config: cfg.Config, team: str, key_id: str) -> cfg.Key | None:
+    keys = config.teams[team].keys if team in config.teams else ()
+    return next((key for key in keys if key.id == key_id), None)
+
+
+def _utc(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _usage(args: argparse.Namespace) -> int:

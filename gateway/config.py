@@ -2,20 +2,25 @@
 
 Parsing is strict. An unknown field, a wrong type, a negative limit, a duplicate key hash or an
 unset `${VAR}` raises `ConfigError` whose message is one line that starts with the field's path
-(`teams.research.budget.period: ...`). Handlers only ever see the objects defined here.
+(`teams.research.budget.period: ...`). Handlers only ever see the objects defined here. Times
+(`expires_at`) are ISO 8601 with a timezone and become aware UTC datetimes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import os
 import re
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -24,6 +29,12 @@ Period = Literal["day", "week", "month", "total"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_INSTANT = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?(?:Z|[+-][0-9]{2}:[0-9]{2})")
+_TEXT = re.compile(r"[\x21-\x7e]{1,512}")  # visible ASCII: issuer, audience, claim names
+TAG_KEY = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+# the first character keeps spreadsheets from reading an exported value as a formula
+TAG_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}")
 
 
 class ConfigError(ValueError):
@@ -93,12 +104,29 @@ class Budget:
     period: Period = "month"
 
 
+_SHA256_CHECK = _check(
+    pattern=_SHA256, secret=True,  # hidden: a key pasted here by mistake must not be echoed
+    hint="64 lowercase hex characters: the sha256 of the key, not the key itself")
+
+
+@dataclass(frozen=True, slots=True)
+class PreviousKey:
+    """A key's earlier secret, still accepted until `expires_at` (rotation without downtime)."""
+
+    sha256: str = field(repr=False, metadata=_SHA256_CHECK)
+    expires_at: datetime
+
+
 @dataclass(frozen=True, slots=True)
 class Key:
+    """One key id: its current secret, valid from `not_before` until `expires_at` (both
+    optional), and the secrets it replaced, each valid until its own end."""
+
     id: str = field(metadata=_check(pattern=_NAME))
-    sha256: str = field(repr=False, metadata=_check(
-        pattern=_SHA256, secret=True,  # hidden: a key pasted here by mistake must not be echoed
-        hint="64 lowercase hex characters: the sha256 of the key, not the key itself"))
+    sha256: str = field(repr=False, metadata=_SHA256_CHECK)
+    not_before: datetime | None = None
+    expires_at: datetime | None = None
+    previous: tuple[PreviousKey, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +141,40 @@ class Team:
 @dataclass(frozen=True, slots=True)
 class Admin:
     keys: tuple[Key, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Jwt:
+    """Bearer JWTs from the organisation's identity provider (RS256 / ES256, keys from JWKS)."""
+
+    issuer: str = field(metadata=_check(pattern=_TEXT))
+    audience: str = field(metadata=_check(pattern=_TEXT))
+    jwks_url: str = field(metadata=_check(pattern=_TEXT))
+    team_claim: str = field(default="team", metadata=_check(pattern=_TEXT))
+    key_claim: str | None = field(default=None, metadata=_check(pattern=_TEXT))
+    leeway_s: float = field(default=30.0, metadata=_check(minimum=0))
+    jwks_timeout_s: float = field(default=3.0, metadata=_check(above=0))
+    jwks_refresh_s: float = field(default=300.0, metadata=_check(above=0))
+    jwks_cooldown_s: float = field(default=30.0, metadata=_check(minimum=0))
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    jwt: Jwt | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TagRule:
+    """The values a cost-attribution tag may take: a list, or a pattern (fullmatched)."""
+
+    values: tuple[str, ...] | None = field(default=None, metadata=_check(pattern=TAG_VALUE))
+    pattern: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    tags: Mapping[str, TagRule] = field(default_factory=dict)
+    max_tags: int = field(default=8, metadata=_check(minimum=1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +198,8 @@ class Config:
     pricing: Pricing = Pricing()
     teams: Mapping[str, Team] = field(default_factory=dict)
     admin: Admin = Admin()
+    auth: Auth = Auth()
+    attribution: Attribution = Attribution()
     ledger: Ledger = Ledger()
     logging: Logging = Logging()
 
@@ -275,6 +339,8 @@ def _coerce(hint: Any, value: Any, path: str, meta: Mapping[str, Any]) -> Any:
 
 
 def _scalar(hint: Any, value: Any, path: str, meta: Mapping[str, Any]) -> Any:
+    if hint is datetime:
+        return instant(value, path)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true or false, got {_show(value, meta)}")
@@ -283,7 +349,7 @@ def _scalar(hint: Any, value: Any, path: str, meta: Mapping[str, Any]) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {_kind(value)}")
         pattern = meta.get("pattern")
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):
             if meta.get("hint"):
                 raise ConfigError(f"{path}: must be {meta['hint']}")
             raise ConfigError(f"{path}: {_show(value, meta)} is not a valid value")
@@ -298,6 +364,24 @@ def _scalar(hint: Any, value: Any, path: str, meta: Mapping[str, Any]) -> Any:
     if above is not None and value <= above:
         raise ConfigError(f"{path}: must be greater than {above:g}, got {value}")
     return hint(value)
+
+
+def instant(value: Any, path: str) -> datetime:
+    """A time with its timezone (`2027-03-01T00:00:00Z`, `...+02:00`), as an aware UTC datetime.
+
+    YAML reads an unquoted time as a datetime: accepted when it carries a timezone."""
+    if isinstance(value, datetime):
+        if value.utcoffset() is None:
+            raise ConfigError(f"{path}: the time needs a timezone, e.g. 2027-03-01T00:00:00Z")
+        return value.astimezone(UTC)
+    if not isinstance(value, str) or not _INSTANT.fullmatch(value):
+        shown = repr(value) if isinstance(value, str) else _kind(value)
+        raise ConfigError(f"{path}: expected a time with a timezone, like 2027-03-01T00:00:00Z, "
+                          f"got {shown}")
+    try:
+        return datetime.fromisoformat(value).astimezone(UTC)
+    except ValueError:
+        raise ConfigError(f"{path}: {value!r} is not a valid time") from None
 
 
 def _kind(value: Any) -> str:
@@ -318,14 +402,17 @@ def _validate(config: Config) -> None:
     for owner, keys in owners:
         for i, key in enumerate(keys):
             where = f"{owner}.keys[{i}]"
-            if key.sha256 in seen_hash:
-                also = seen_hash[key.sha256]
-                raise ConfigError(f"{where}.sha256: duplicate key hash (also {also})")
+            secrets = [(where, key.sha256)]
+            secrets += [(f"{where}.previous[{j}]", p.sha256) for j, p in enumerate(key.previous)]
+            for at, digest in secrets:
+                if digest in seen_hash:
+                    raise ConfigError(f"{at}.sha256: duplicate key hash (also {seen_hash[digest]})")
+                seen_hash[digest] = at
             if key.id in seen_id:
                 also = seen_id[key.id]
                 raise ConfigError(f"{where}.id: duplicate key id {key.id!r} (also {also})")
-            seen_hash[key.sha256] = where
             seen_id[key.id] = where
+            _validate_lifetime(key, where)
     if not config.upstream.base_url.startswith(("http://", "https://")):
         raise ConfigError("upstream.base_url: must start with http:// or https://")
     if not config.store.url.startswith(("memory://", "redis://", "rediss://", "unix://",
@@ -341,3 +428,63 @@ def _validate(config: Config) -> None:
     for i, endpoint in enumerate(config.cache.endpoints):
         if endpoint.strip("/") != endpoint or not endpoint:
             raise ConfigError(f"cache.endpoints[{i}]: write the path without slashes at the ends")
+    if config.auth.jwt is not None:
+        _validate_jwt(config.auth.jwt)
+    _validate_attribution(config.attribution)
+
+
+def _validate_lifetime(key: Key, where: str) -> None:
+    if key.not_before is not None and key.expires_at is not None \
+            and key.not_before >= key.expires_at:
+        raise ConfigError(f"{where}.expires_at: must be later than not_before")
+    for j, previous in enumerate(key.previous):
+        if key.expires_at is not None and previous.expires_at > key.expires_at:
+            raise ConfigError(f"{where}.previous[{j}].expires_at: must not be later than the "
+                              "key's expires_at")
+
+
+_LOOPBACK_NAMES = ("localhost",)
+
+
+def _validate_jwt(jwt: Jwt) -> None:
+    url = urlsplit(jwt.jwks_url)
+    host = url.hostname or ""
+    try:
+        loopback = host in _LOOPBACK_NAMES or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not host or url.scheme not in ("https", "http") or (url.scheme == "http" and not loopback):
+        raise ConfigError("auth.jwt.jwks_url: must be an https:// URL (http:// only to a "
+                          "loopback address)")
+    bounds = {"leeway_s": (jwt.leeway_s, 300.0), "jwks_timeout_s": (jwt.jwks_timeout_s, 30.0),
+              "jwks_refresh_s": (jwt.jwks_refresh_s, 86400.0),
+              "jwks_cooldown_s": (jwt.jwks_cooldown_s, jwt.jwks_refresh_s)}
+    for name, (value, most) in bounds.items():
+        if not math.isfinite(value) or value > most:
+            raise ConfigError(f"auth.jwt.{name}: must be at most {most:g}, got {value}")
+
+
+def _validate_attribution(attribution: Attribution) -> None:
+    if len(attribution.tags) > 32:
+        raise ConfigError("attribution.tags: at most 32 tag keys")
+    if attribution.max_tags > 32:
+        raise ConfigError(f"attribution.max_tags: must be at most 32, got {attribution.max_tags}")
+    for name, rule in attribution.tags.items():
+        where = f"attribution.tags.{name}"
+        if not TAG_KEY.fullmatch(name):
+            raise ConfigError(f"{where}: tag keys use lowercase letters, digits, '_' and '-' "
+                              "(at most 32, starting with a letter)")
+        if (rule.values is None) == (rule.pattern is None):
+            raise ConfigError(f"{where}: give either values or pattern")
+        if rule.values is not None and not 0 < len(rule.values) <= 256:
+            raise ConfigError(f"{where}.values: list between 1 and 256 values")
+        if rule.values is not None and len(set(rule.values)) != len(rule.values):
+            raise ConfigError(f"{where}.values: a value is listed twice")
+        if rule.pattern is not None:
+            if not 0 < len(rule.pattern) <= 256:
+                raise ConfigError(f"{where}.pattern: must be 1 to 256 characters")
+            try:
+                re.compile(rule.pattern)
+            except re.error as exc:
+                raise ConfigError(f"{where}.pattern: not a valid regular expression ({exc})"
+                                  ) from None

@@ -101,6 +101,10 @@ class Metrics:
             "Completed requests whose bookkeeping (settlement, cache, ledger) has not yet "
             "reached the store.",
             multiprocess_mode="livesum", registry=registry)
+        self.keys_expiring = Labelled(Gauge(
+            "gateway_keys_expiring",
+            "Team keys whose expires_at comes within 7 or 30 days (not yet expired).",
+            ["within"], multiprocess_mode="mostrecent", registry=registry))
         self.store_fallback = Counter(
             "gateway_store_fallback_requests_total",
             "Requests served without the shared store (store.on_error: open).",

@@ -356,8 +356,15 @@ def _admin_paths() -> Json:
             ],
         )},
         f"{ADMIN}/keys": {"get": _admin_operation(
-            "listKeys", "Every team key's id, its team, and whether it is revoked",
-            _admin_ok("#/components/schemas/KeyList"), _admin_errors(503),
+            "listKeys", "Every team key's id, its team, whether it is revoked, and its lifetime",
+            _admin_ok("#/components/schemas/KeyList"),
+            _admin_errors(400, 503, bad_request="`expiring_within` is not 1d to 3650d."),
+            parameters=[
+                {"name": "expiring_within", "in": "query", "required": False,
+                 "description": "Only keys whose `expires_at` comes within this many days "
+                                "(and has not passed), e.g. `7d`.",
+                 "schema": {"type": "string", "pattern": "^[0-9]{1,4}d$"}},
+            ],
         )},
         f"{ADMIN}/keys/{{key_id}}/revoke": {
             "post": _admin_operation(
@@ -711,7 +718,19 @@ def _schemas() -> Json:
         "KeyState": {
             "type": "object",
             "required": ["id", "team", "revoked"],
-            "properties": {"id": string, "team": string, "revoked": {"type": "boolean"}},
+            "properties": {
+                "id": string, "team": string, "revoked": {"type": "boolean"},
+                "not_before": {**nullable_string, "format": "date-time"},
+                "expires_at": {**nullable_string, "format": "date-time"},
+                "valid": {"type": "boolean",
+                          "description": "The current secret is inside its lifetime now."},
+                "previous": {"type": "array", "description": "Earlier secrets of this key id "
+                             "(rotation), each accepted until its `expires_at`.",
+                             "items": {"type": "object", "required": ["expires_at", "valid"],
+                                       "properties": {"expires_at": {"type": "string",
+                                                                     "format": "date-time"},
+                                                      "valid": {"type": "boolean"}}}},
+            },
         },
         "CacheFlush": {
             "type": "object",

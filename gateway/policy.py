@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 
 from . import quota as quotas
-from .auth import Principal
+from .attribution import TagRules
+from .auth import Authenticator
 from .budget import to_milli
 from .config import Budget, Config
 from .settlement import CacheRules
@@ -26,12 +27,17 @@ class TeamPolicy:
 
 
 class Policy:
-    """The compiled config: key index, per-team limits, pricing and pacing."""
+    """The compiled config: identities, per-team limits, tag rules, pricing and pacing.
 
-    def __init__(self, config: Config) -> None:
+    `previous` is the policy this one replaces on a reload: what it fetched (the IdP's keys) is
+    kept when the settings it came from did not change."""
+
+    def __init__(self, config: Config, previous: Policy | None = None) -> None:
         self.config = config
         self.teams: dict[str, TeamPolicy] = {}
-        self.keys: dict[str, Principal] = {}
+        self.auth: Authenticator = Authenticator(
+            config, previous=previous.auth if previous is not None else None)
+        self.tags = TagRules(config.attribution)
         self.key_owner: dict[str, str] = {}
         for name, team in config.teams.items():
             windows = []
@@ -48,9 +54,7 @@ class Policy:
                 policy_header=quotas.policy_header(tuple(windows)).encode() if windows else None,
             )
             for key in team.keys:
-                self.keys[key.sha256] = Principal(name, key.id)
                 self.key_owner[key.id] = name
-        self.admin_keys = {key.sha256: key.id for key in config.admin.keys}
         upstream = config.upstream
         rpm = upstream.requests_per_minute
         # GCRA with burst B and one slot per 60/(R-B+1) s never lets more than R through in any

@@ -26,7 +26,6 @@ from .asgi import (
     request_id_of,
     send_reply,
 )
-from .auth import authenticate
 from .budget import from_milli
 from .cache import decode_entry, encode_entry
 from .errors import (
@@ -121,7 +120,7 @@ class Proxy:
         if not routes.is_safe_path(path):
             raise NotFound("Unknown API path.")
         head = Head(scope["headers"])
-        principal = authenticate(head.authorization, policy.keys)
+        principal = await policy.auth.authenticate(head.authorization, self.rt.clock())
         ex.team, ex.key_id = principal.team, principal.key_id
         team = policy.teams[principal.team]
         ex.policy_header = team.policy_header

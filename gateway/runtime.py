@@ -67,7 +67,7 @@ class Runtime:
         for section in ("listen", "store", "upstream"):
             if getattr(config, section) != getattr(old, section):
                 log.warning("config reload: changes to %r apply after a restart", section)
-        self.policy = Policy(config)
+        self.policy = Policy(config, previous=self.policy)
         log.info("config reloaded")
         return config
 

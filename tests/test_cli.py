@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import yaml
 
 from gateway import config as cfg
-from gateway.auth import authenticate, hash_key
+from gateway.auth import hash_key
 from gateway.policy import Policy
 
 from .conftest import ROOT
@@ -29,7 +30,7 @@ def test_keys_new_prints_a_key_once_and_its_config_line() -> None:
     entry = yaml.safe_load(line)[0]
     assert entry["sha256"] == hash_key(key) and entry["id"].startswith("research-")
     config = cfg.from_dict({"teams": {"research": {"keys": [entry]}}})
-    principal = authenticate(f"Bearer {key}".encode(), Policy(config).keys)
+    principal = asyncio.run(Policy(config).auth.authenticate(f"Bearer {key}".encode(), 0.0))
     assert (principal.team, principal.key_id) == ("research", entry["id"])
     assert run("keys", "new", "--team", "research").stdout != out.stdout  # fresh every time
 
