@@ -422,3 +422,52 @@ def test_redis_down_raises_store_error(private_redis: RedisServer) -> None:
         assert (await store.admit(admission("back"))).verdict is Verdict.ADMIT
 
     run(private_redis.url, body)
+
+
+# -- bookkeeping sent again ------------------------------------------------------------------
+
+
+def test_a_completion_sent_again_is_applied_once(store_url: str) -> None:
+    """The bookkeeping retries a batch whose reply was lost: nothing is applied twice, not even
+    a ledger event that no reservation stands behind (a coalesced answer's)."""
+    async def body(store: Store) -> None:
+        await store.admit(admission("r", reservation=reserve("r", 5_000), budget_limit=10**9))
+        batch = [Completion("t", "r", Settle.CHARGE, "r", charge=4_000),
+                 Completion("t", "c", event=CONTEXT[:-1] + b',"kind":"charge","credits":0}')]
+        first = await store.finish_many(batch)
+        again = await store.finish_many(batch)
+        assert [getattr(r, "settled", None) for r in first] == [True, False]
+        assert [getattr(r, "settled", None) for r in again] == [False, False]
+        assert len(await store.ledger("t")) == 2
+        (usage,) = await store.budgets([("t", "m2026-11")])
+        assert (usage.spent, usage.reserved) == (4_000, 0)
+
+    run(store_url, body)
+
+
+def test_a_bad_charge_changes_nothing(store_url: str) -> None:
+    """A script refuses what it cannot apply before it writes anything: the reservation stays
+    for a correct settlement (the bookkeeping validates numbers first; this is the backstop)."""
+    from gateway.store import ScriptFailed
+
+    async def body(store: Store) -> None:
+        await store.admit(admission("b", reservation=reserve("b", 5_000), budget_limit=10**9))
+        for charge in (-5, 1.5):
+            bad = Completion("t", "b", Settle.CHARGE, "b", charge=charge)  # type: ignore[arg-type]
+            with pytest.raises(ScriptFailed):
+                await store.finish(bad)
+        (pending,) = await store.reservations("t")
+        assert (pending.id, pending.amount) == ("b", 5_000)
+        assert (await store.finish(Completion("t", "b", Settle.CHARGE, "b", charge=1))).settled
+
+    run(store_url, body)
+
+
+def test_processes_say_they_are_alive(store_url: str) -> None:
+    async def body(store: Store) -> None:
+        await store.heartbeat("p1", 60_000)
+        await store.heartbeat("p2", 1)
+        await asyncio.sleep(0.05)
+        assert await store.alive(["p1", "p2", "p3"]) == {"p1"}
+
+    run(store_url, body)
