@@ -166,7 +166,7 @@ async def revoke(request: Request) -> Response:
     if team is None:
         raise NotFound(f"No team key with id {key_id!r}.")
     revoked = request.method == "POST"
-    await _store(runtime.store.revoke(team, key_id, revoked))
+    await _store(runtime.revoke(team, key_id, revoked))
     return _json({"id": key_id, "team": team, "revoked": revoked})
 
 
@@ -183,12 +183,12 @@ async def flush_cache(request: Request) -> Response:
 
 
 async def reload(request: Request) -> Response:
+    """Reload here and on every process sharing the store; say which sections applied, which
+    need a restart, and which processes have reloaded (they follow within a heartbeat)."""
     runtime = _authorize(request)
-    path = request.app.state.config_path
-    if path is None:
+    if runtime.config_path is None:
         raise InvalidRequest("This gateway was not started from a config file.")
     try:
-        runtime.reload(path)
+        return _json(await runtime.reload_everywhere())
     except ConfigError as exc:
         raise InvalidRequest(f"The running config was kept: {exc}") from None
-    return _json({"reloaded": True})

@@ -70,6 +70,7 @@ def create_app(
         metrics=Metrics(),
         clock=clock,
         task_check_s=task_check_s,
+        config_path=config_path,
     )
 
     @contextlib.asynccontextmanager
@@ -85,7 +86,7 @@ def create_app(
         ]
         if config_path is not None and threading.current_thread() is threading.main_thread():
             asyncio.get_running_loop().add_signal_handler(
-                signal.SIGHUP, lambda: _reload_on_signal(runtime, config_path))
+                signal.SIGHUP, lambda: _reload_on_signal(runtime))
         try:
             yield
         finally:
@@ -108,7 +109,6 @@ def create_app(
         exception_handlers={HTTPException: http_error, GatewayError: gateway_error},
     )
     site.state.runtime = runtime
-    site.state.config_path = config_path
     return Gateway(runtime, site)
 
 
@@ -120,11 +120,14 @@ def create_app_from_env() -> Gateway:
     return create_app(config, config_path=path)
 
 
-def _reload_on_signal(runtime: Runtime, path: str) -> None:
-    try:
-        runtime.reload(path)
-    except cfg.ConfigError as exc:
-        log.error("config reload refused: %s", exc)
+def _reload_on_signal(runtime: Runtime) -> None:
+    async def reload() -> None:
+        try:
+            await runtime.reload_everywhere(wait_s=0)
+        except cfg.ConfigError as exc:
+            log.error("config reload refused: %s", exc)
+
+    asyncio.get_running_loop().create_task(reload())
 
 
 async def healthz(request: Request) -> Response:

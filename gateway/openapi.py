@@ -391,8 +391,8 @@ def _admin_paths() -> Json:
         )},
         f"{ADMIN}/reload": {"post": _admin_operation(
             "reloadConfig",
-            "Re-read the config file (like SIGHUP); an invalid file is refused and the running "
-            "config kept",
+            "Re-read the config file here and on every process sharing the store (like SIGHUP); "
+            "an invalid file is refused and the running config kept",
             _admin_ok("#/components/schemas/Reloaded"),
             _admin_errors(400, bad_request="The file is invalid (the message names the field; "
                           "the running config is kept), or the gateway was not started from a "
@@ -739,7 +739,29 @@ def _schemas() -> Json:
         },
         "Reloaded": {
             "type": "object",
-            "required": ["reloaded"],
-            "properties": {"reloaded": {"type": "boolean", "enum": [True]}},
+            "required": ["reloaded", "applied", "restart_needed", "generation", "processes"],
+            "properties": {
+                "reloaded": {"type": "boolean", "enum": [True]},
+                "applied": {"type": "array", "items": {"type": "string"},
+                            "description": "Config sections that changed and apply now."},
+                "restart_needed": {
+                    "type": "array", "items": {"type": "string"},
+                    "description": "Sections that changed but keep running as they are until "
+                                   "a restart (listen, store, upstream)."},
+                "generation": {"type": "integer", "nullable": True,
+                               "description": "The config generation every process follows; "
+                                              "null when the store is unreachable."},
+                "processes": {
+                    "type": "object",
+                    "required": ["reloaded", "pending"],
+                    "properties": {
+                        "reloaded": {"type": "array", "items": {"type": "string"}},
+                        "pending": {"type": "array", "items": {"type": "string"},
+                                    "description": "Live processes that had not reloaded yet "
+                                                   "when the wait ended."},
+                        "note": {"type": "string"},
+                    },
+                },
+            },
         },
     }

@@ -176,9 +176,9 @@ class Proxy:
         finally:
             if following:  # give back the idempotency lock taken while following
                 assert req.admission.idempotency is not None
-                await self.rt.commit(store, Completion(
+                await self.rt.finish(store, Completion(
                     req.team.name, req.admission.ticket,
-                    idempotency=(req.admission.idempotency[0], None, 0)))
+                    idempotency=(req.admission.idempotency[0], None, 0)), first=True)
 
     # -- forwarding ------------------------------------------------------------------------------
 
@@ -247,10 +247,8 @@ class Proxy:
             ex.credits = from_milli(credits if credits is not None else req.billing.price)
         if decision.saved:
             self.rt.metrics.credits_saved.labels(req.team.name).inc(from_milli(decision.saved))
-        if written_first(req.billing, decision):
-            await self.rt.commit(store, completion)
-        else:
-            self.rt.finish(store, completion)
+        await self.rt.finish(store, completion, reservation=req.admission.reservation,
+                             first=written_first(req.billing, decision))
         return decision
 
     def _completion(self, req: ParsedRequest, end: End, decision: Decision,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 from . import config as cfg
 from .bookkeeping import Bookkeeper
@@ -18,18 +20,32 @@ from .metrics import Metrics
 from .policy import Policy
 from .singleflight import Flights
 from .store import Store, StoreError, open_store
-from .store.base import Admission, AdmitResult, Completion, Settled
+from .store.base import Admission, AdmitResult, Completion, Reservation, Settled, Verdict
 from .upstream import Upstream
 
 log = logging.getLogger("gateway")
 HEARTBEAT_S = 5.0  # a process says it is alive this often ...
 ALIVE_MS = 30_000  # ... and is taken for dead this long after it last did
+RESTART_SECTIONS = ("listen", "store", "upstream")  # what a reload cannot change
+
+
+@dataclass(frozen=True, slots=True)
+class Reloaded:
+    applied: list[str]  # config sections changed and applied
+    restart_needed: list[str]  # changed, but they keep running as they are until a restart
+
+    def asdict(self) -> dict[str, list[str]]:
+        return {"applied": self.applied, "restart_needed": self.restart_needed}
 
 
 class Runtime:
     def __init__(self, policy: Policy, *, store: Store, upstream: Upstream, metrics: Metrics,
-                 clock: Callable[[], float] = time.time, task_check_s: float = 600.0) -> None:
+                 clock: Callable[[], float] = time.time, task_check_s: float = 600.0,
+                 config_path: str | None = None) -> None:
         self.policy = policy
+        self.config_path = config_path
+        self.generation: int | None = None  # the config generation this process runs
+        self._refused_generation: int | None = None
         # a task's reservation waits this long for a poll to settle it before the reconciler asks
         self.task_check_ms = int(task_check_s * 1000)
         self.store = store
@@ -37,6 +53,9 @@ class Runtime:
         self.metrics = metrics
         self.clock = clock
         self._fallback: Store | None = None
+        # `store.on_error: open` refuses what it cannot decide without the store: a key is only
+        # served once this process has a copy of the revocations, refreshed with each heartbeat
+        self._revocations_known = False
         self.flights = Flights()
         self.bookkeeper = Bookkeeper(
             store,
@@ -55,21 +74,53 @@ class Runtime:
         request's locks and reservation (the client's X-Request-ID may be reused)."""
         return f"{self.process}.{next(self._tickets):x}"
 
-    def reload(self, path: str) -> cfg.Config:
-        """Apply a changed config file; in-flight requests finish under the one they started with.
+    def reload(self) -> Reloaded:
+        """Apply the changed config file here; in-flight requests finish under the config they
+        started with. Raises `ConfigError` (and keeps the running config) when it is invalid.
 
-        Teams, keys, limits, pricing, cache rules and admin keys change at once; the listen
-        address, the store and the upstream connection need a restart (a warning says so).
-        Raises `ConfigError` (and keeps the running config) when the file is invalid.
+        Teams, keys, limits, pricing, cache rules, admin keys and the rest change at once;
+        `listen`, `store` and `upstream` (the address, the store, the upstream connection, its
+        pacing and timings) keep running as they are until a restart.
         """
-        config = cfg.load(path)
-        old = self.policy.config
-        for section in ("listen", "store", "upstream"):
-            if getattr(config, section) != getattr(old, section):
-                log.warning("config reload: changes to %r apply after a restart", section)
-        self.policy = Policy(config, previous=self.policy)
-        log.info("config reloaded")
-        return config
+        if self.config_path is None:
+            raise cfg.ConfigError("this gateway was not started from a config file")
+        new, old = cfg.load(self.config_path), self.policy.config
+        changed = [f.name for f in dataclasses.fields(cfg.Config)
+                   if getattr(new, f.name) != getattr(old, f.name)]
+        restart = [name for name in changed if name in RESTART_SECTIONS]
+        kept = {name: getattr(old, name) for name in RESTART_SECTIONS}
+        self.policy = Policy(replace(new, **kept), previous=self.policy)
+        applied = [name for name in changed if name not in RESTART_SECTIONS]
+        log.info("config reloaded", extra={"fields": {
+            "applied": applied, "restart_needed": restart}})
+        if restart:
+            log.warning("config reload: changes to %s apply after a restart", ", ".join(restart))
+        return Reloaded(applied, restart)
+
+    async def reload_everywhere(self, *, wait_s: float = 2 * HEARTBEAT_S + 1) -> dict[str, Any]:
+        """Reload here, then have every other process sharing the store reload too: a new
+        config generation goes to the store, and each process reloads its own file at its next
+        heartbeat. Waits up to `wait_s` for them, and says truthfully who did."""
+        reloaded = self.reload()
+        try:
+            self.generation = await self.store.bump_config()
+        except StoreError:
+            return {"reloaded": True, **reloaded.asdict(), "generation": None,
+                    "processes": {"reloaded": [self.process], "pending": [],
+                                  "note": "the store is unreachable: only this process "
+                                          "reloaded; the others will not know until it is back"}}
+        deadline = time.monotonic() + wait_s
+        while True:
+            seen = (await self.store.processes()).seen
+            alive = {name: gen for name, (gen, age) in seen.items() if age <= ALIVE_MS}
+            pending = sorted(name for name, gen in alive.items()
+                             if gen < self.generation and name != self.process)
+            if not pending or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.2)
+        done = sorted(name for name in alive if name not in pending) or [self.process]
+        return {"reloaded": True, **reloaded.asdict(), "generation": self.generation,
+                "processes": {"reloaded": done, "pending": pending}}
 
     async def drain(self, timeout_s: float) -> None:
         """At shutdown: let the bookkeeping land (within the grace period), then stop it."""
@@ -77,14 +128,48 @@ class Runtime:
         await self.bookkeeper.close()
 
     async def keep_alive(self) -> None:
-        """Tell the store, every few seconds, that this process is alive: the reconciler only
-        settles the reservations of processes that are not."""
+        """Tell the store, every few seconds, that this process is alive (the reconciler only
+        settles the reservations of processes that are not); with `store.on_error: open`, also
+        refresh this process's copy of the revocations."""
         while True:
             try:
-                await self.store.heartbeat(self.process, ALIVE_MS)
+                processes = await self.store.heartbeat(self.process, self.generation or 0)
+                self._follow_reloads(processes.generation)
+                if self.policy.config.store.on_error == "open":
+                    await self._copy_revocations()
             except StoreError:
                 self.metrics.store_errors.labels("heartbeat").inc()
             await asyncio.sleep(HEARTBEAT_S)
+
+    def _follow_reloads(self, generation: int) -> None:
+        """Reload when another process did (a new config generation in the store)."""
+        if self.generation is None:  # just started: the file read at start-up is current
+            self.generation = generation
+            return
+        if generation <= self.generation or generation == self._refused_generation:
+            return
+        try:
+            self.reload()
+        except cfg.ConfigError as exc:
+            self._refused_generation = generation  # said once, not at every heartbeat
+            log.error("config reload (generation %d) refused: %s", generation, exc)
+            return
+        self.generation = generation
+
+    async def _copy_revocations(self) -> None:
+        teams = list(self.policy.teams)
+        for team, revoked in zip(teams, await self.store.revoked_many(teams), strict=True):
+            for key_id in await self.fallback.revoked(team) - revoked:
+                await self.fallback.revoke(team, key_id, False)
+            for key_id in revoked:
+                await self.fallback.revoke(team, key_id, True)
+        self._revocations_known = True
+
+    async def revoke(self, team: str, key_id: str, revoked: bool) -> None:
+        """Revoke (or accept again) a key, on every replica, and in this process's copy."""
+        await self.store.revoke(team, key_id, revoked)
+        if self._fallback is not None:
+            await self._fallback.revoke(team, key_id, revoked)
 
     async def admit(self, admission: Admission) -> tuple[AdmitResult, Store]:
         """Ask the shared store; when it is away, fail closed or fall back as configured."""
@@ -99,13 +184,25 @@ class Runtime:
                 self.bookkeeper.cancel(admission)
             if self.policy.config.store.on_error == "closed":
                 raise StoreUnavailable() from None
+        return await self._admit_alone(admission), self.fallback
+
+    async def _admit_alone(self, admission: Admission) -> AdmitResult:
+        """`store.on_error: open`: decide with this process's own store, and refuse what cannot
+        be decided safely without the shared one: a key whose revocation is unknown, an
+        Idempotency-Key (it may already have run elsewhere), a task this process has not seen
+        (it may be the team's, created elsewhere)."""
+        if not self._revocations_known or admission.idempotency is not None:
+            raise StoreUnavailable()
         self.metrics.store_fallback.inc()
         now = time.monotonic()
         if now - self._warned_at >= self.policy.config.store.warn_interval_s:
             self._warned_at = now
             log.warning("store unreachable: serving without shared limits (store.on_error: open)")
-        return await self.fallback.admit(replace(admission, budget_limit=None,
-                                                 key_budget_limit=None)), self.fallback
+        result = await self.fallback.admit(replace(admission, budget_limit=None,
+                                                   key_budget_limit=None))
+        if result.verdict is Verdict.NOT_FOUND:
+            raise StoreUnavailable()
+        return result
 
     @property
     def fallback(self) -> Store:
@@ -128,23 +225,27 @@ class Runtime:
         await asyncio.sleep(wait)
         return None
 
-    def finish(self, store: Store, completion: Completion) -> None:
-        """Queue a request's bookkeeping; it lands in the next batch (or when the store is back).
-        """
-        if store is self.store:
-            self.bookkeeper.add(completion)
-        else:
-            asyncio.get_running_loop().create_task(self._local(store, completion))
+    async def finish(self, store: Store, completion: Completion, *,
+                     reservation: Reservation | None = None, first: bool = False) -> None:
+        """A request's bookkeeping: written now when `first` (a later request relies on it at
+        once), else queued for the next batch; it lands however long the store is away.
 
-    async def commit(self, store: Store, completion: Completion) -> None:
-        """Write a request's bookkeeping before its answer is released."""
-        if store is self.store:
+        `store` admitted the request. When that was this process's own store (the shared one
+        was away, `on_error: open`), it is settled there now, and in the shared store once it
+        is back, `reservation` (the request's own) as if it had been held there."""
+        if store is not self.store:
+            await self.fallback.finish(completion)
+            if reservation is not None and completion.reservation_id == reservation.id:
+                completion = replace(completion, direct=reservation)
+            self.bookkeeper.add(completion)
+        elif first:
             await self.bookkeeper.commit(completion)
         else:
-            await self._local(store, completion)
-
-    async def _local(self, store: Store, completion: Completion) -> None:
-        self.settled(completion.team, completion.period, await store.finish(completion))
+            self.bookkeeper.add(completion)
+        if completion.task_owner and self.policy.config.store.on_error == "open":
+            # this process's own copy of who owns what, for when the shared store is away
+            await self.fallback.finish(Completion(completion.team, completion.ticket,
+                                                  task_owner=completion.task_owner))
 
     def settled(self, team: str, period: str | None, settled: Settled) -> None:
         if not settled.settled:

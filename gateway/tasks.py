@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .errors import GatewayError
+from .runtime import ALIVE_MS
 from .settlement import Answer, Charge, Decision, read_answer, reconcile
 from .store import StoreError
 from .store.base import Completion, PendingReservation, Settle, process_of
@@ -52,10 +53,13 @@ class Reconciler:
         store = self.rt.store
         now_ms = await store.now() * 1000
         settled = 0
+        alive: set[str] | None = None
         for team in list(self.rt.policy.teams):
             overdue = [r for r in await store.reservations(team) if r.deadline_ms <= now_ms]
-            processes = {process_of(r.id) for r in overdue} - {""}
-            alive = await store.alive(sorted(processes)) if processes else set()
+            if not overdue:
+                continue
+            if alive is None:
+                alive = (await store.processes()).alive(ALIVE_MS)
             for r in overdue:
                 poll = None
                 if r.id.startswith("task:"):

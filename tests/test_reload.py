@@ -61,8 +61,9 @@ def test_admin_reload_and_a_bad_file(redis_server: RedisServer, mock: Mock,
 
     config["teams"]["research"].pop("models")
     Path(gateway.config_path).write_text(yaml.safe_dump(config))
-    reloaded = httpx.post(f"{gateway.url}/admin/v1/reload", headers=admin)
-    assert reloaded.status_code == 200 and reloaded.json() == {"reloaded": True}
+    reloaded = httpx.post(f"{gateway.url}/admin/v1/reload", headers=admin, timeout=30)
+    assert reloaded.status_code == 200
+    assert reloaded.json()["applied"] == ["teams"] and reloaded.json()["restart_needed"] == []
     assert chat(gateway.url, "now allowed").status_code == 200
 
     Path(gateway.config_path).write_text("teams: {research: {requests_per_minute: lots}}\n")
@@ -71,3 +72,33 @@ def test_admin_reload_and_a_bad_file(redis_server: RedisServer, mock: Mock,
     assert "teams.research.requests_per_minute: expected an integer" in refused.json()[
         "error"]["message"]
     assert chat(gateway.url, "old config still runs").status_code == 200
+
+
+def _write(gateway: Any, config: dict[str, Any]) -> None:
+    Path(gateway.config_path).write_text(yaml.safe_dump(config))
+
+
+def test_admin_reload_reaches_every_replica_and_worker(
+        redis_server: RedisServer, mock: Mock, gateway_process: Any) -> None:
+    """One replica with two workers and another replica share a Redis: a reload asked of any
+    one of them reaches every process, and the answer says which reloaded and what applied."""
+    redis_server.cli("FLUSHALL")
+    config = base_config(mock.api_url, redis_server.url, teams=teams_with(models=["flux-2"]))
+    first = gateway_process(config, workers=2)
+    second = gateway_process(config)
+    for gateway in (first, second):
+        assert chat(gateway.url, "gemini is not allowed").status_code == 403
+    config["teams"]["research"].pop("models")
+    config["upstream"]["timeout_s"] = 99  # needs a restart: said, and not applied
+    for gateway in (first, second):
+        _write(gateway, config)
+    reloaded = httpx.post(f"{second.url}/admin/v1/reload",
+                          headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+    assert reloaded.status_code == 200, reloaded.text
+    body = reloaded.json()
+    assert (body["applied"], body["restart_needed"]) == (["teams"], ["upstream"])
+    assert body["processes"]["pending"] == []
+    assert len(body["processes"]["reloaded"]) == 3  # two workers and the other replica
+    for gateway in (first, second):  # every worker of each: many requests, all allowed now
+        assert {chat(gateway.url, f"allowed {i}").status_code for i in range(8)} == {200}
+    assert "upstream apply after a restart" in second.log()

@@ -96,7 +96,9 @@ def finish(c: Completion) -> Args:
         "idem_ttl_ms": c.idempotency[2] if c.idempotency else None,
         "owner_ttl_ms": c.task_owner[1] if c.task_owner else None,
         "event": c.event.decode() if c.event else None,
-        "guard_ms": GUARD_TTL_MS if c.event else None,
+        "guard_ms": GUARD_TTL_MS if c.event or c.direct else None,
+        "direct": {"period": d.period, "amount": d.amount, "key": d.key,
+                   "context": d.context.decode()} if (d := c.direct) else None,
         "ledger": _ledger(c.ledger),
     })
     return [payload, c.cache_put[1] if c.cache_put else b"", answer]

@@ -16,6 +16,7 @@ import orjson
 
 from . import payload
 from .base import (
+    FORGET_PROCESS_MS,
     Admission,
     AdmitResult,
     BudgetUsage,
@@ -25,11 +26,12 @@ from .base import (
     LedgerEntry,
     Pace,
     PendingReservation,
+    Processes,
     Settled,
 )
 from .keys import Keys
 
-SCRIPTS = ("admit", "finish", "cancel", "pace", "flight", "lookup", "store_entry", "alive",
+SCRIPTS = ("admit", "finish", "cancel", "pace", "flight", "lookup", "store_entry", "processes",
            "command", "now")
 
 Call = tuple[str, Sequence[str], payload.Args]
@@ -148,17 +150,24 @@ class ScriptStore:
 
     # -- processes -------------------------------------------------------------------------------
 
-    async def heartbeat(self, process: str, ttl_ms: int) -> None:
-        await self.engine.run("alive", [self.keys.org(f"alive:{process}")],
-                              [orjson.dumps({"ttl_ms": ttl_ms})])
+    async def heartbeat(self, process: str, generation: int) -> Processes:
+        """This process is alive and runs config `generation`; returns what the others said."""
+        return await self._processes({"process": process, "generation": generation})
 
-    async def alive(self, processes: Sequence[str]) -> set[str]:
-        if not processes:
-            return set()
-        names = list(processes)
-        flags = await self.engine.run("alive", [self.keys.org(f"alive:{p}") for p in names],
-                                      payload.EMPTY)
-        return {name for name, flag in zip(names, flags, strict=True) if flag}
+    async def processes(self) -> Processes:
+        return await self._processes({})
+
+    async def _processes(self, fields: dict[str, Any]) -> Processes:
+        reply = await self.engine.run(
+            "processes", [self.keys.org("processes"), self.keys.org("config")],
+            [orjson.dumps({**fields, "forget_ms": FORGET_PROCESS_MS})])
+        seen = {_text(reply[i]): (int(reply[i + 1]), int(reply[i + 2]))
+                for i in range(1, len(reply), 3)}
+        return Processes(int(reply[0]), seen)
+
+    async def bump_config(self) -> int:
+        """A new config generation: every process reloads its config file when it sees it."""
+        return int(await self._command(self.keys.org("config"), "INCR"))
 
     # -- operators' reads and writes -------------------------------------------------------------
 
@@ -194,6 +203,17 @@ class ScriptStore:
     async def revoked(self, team: str) -> set[str]:
         members = await self._command(self.keys.team(team, "revoked"), "SMEMBERS")
         return {_text(m) for m in members}
+
+    async def revoked_many(self, teams: Sequence[str]) -> list[set[str]]:
+        """Every team's revoked keys, in one round trip."""
+        calls: list[Call] = [("command", [self.keys.team(team, "revoked")],
+                              [orjson.dumps({"cmd": "SMEMBERS"})]) for team in teams]
+        out = []
+        for reply in await self.engine.run_many(calls):
+            if isinstance(reply, Exception):
+                raise reply
+            out.append({_text(m) for m in reply})
+        return out
 
     async def flush_cache(self, *, route: str | None = None, team: str | None = None) -> int:
         return await self.engine.delete_matching(self.keys.cache_pattern(route=route, team=team))

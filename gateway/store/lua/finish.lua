@@ -9,7 +9,9 @@
 -- payload: ticket, settle ('charge' | 'refund' | 'hold'), rid (the reservation), charge
 --   (millicredits; absent = as reserved), hold_id, hold_ms, cache_ttl_ms (store ARGV[2]),
 --   release (the flight lock), idem ('done' | 'drop'), idem_ttl_ms, owner_ttl_ms (KEYS[7]),
---   event (a ledger event without reservation), guard_ms, ledger {min_ms, max_len}
+--   event (a ledger event without reservation), guard_ms, ledger {min_ms, max_len},
+--   direct {period, amount, key, context}: the reservation, made while this store was away
+--   (`store.on_error: open`), settled here as if it had been held, once per ticket (KEYS[8])
 -- Returns {settled 1/0, spent, reserved, charged} for the reservation's period.
 
 local charge = p.charge
@@ -18,15 +20,30 @@ if charge ~= nil and (type(charge) ~= 'number' or charge < 0 or charge ~= math.f
 end
 
 local settled, spent, reserved, charged = 0, 0, 0, 0
+local guarded = false  -- KEYS[8] was set by this call
+local function first_time()
+  if not guarded and redis.call('SET', KEYS[8], '1', 'NX', 'PX', p.guard_ms) then
+    guarded = true
+  end
+  return guarded
+end
+
 if p.settle then
   local period, amount, key, context = take_reservation(KEYS[1], p.rid)
+  local direct = false  -- never reserved here: nothing to take out of `reserved`
+  if not period and p.direct and first_time() then
+    period, amount, key, context = p.direct.period, p.direct.amount, p.direct.key,
+                                   p.direct.context
+    direct = true
+  end
   if period then
     if p.settle == 'hold' then
       redis.call('HSET', KEYS[1], p.hold_id,
                  reservation(now + p.hold_ms, period, amount, key, context))
+      if direct then unreserve(KEYS[2], period, -amount, key) end
     else
       if p.settle == 'charge' then charged = charge or amount end
-      unreserve(KEYS[2], period, amount, key)
+      if not direct then unreserve(KEYS[2], period, amount, key) end
       spend(KEYS[2], period, charged, key)
       record(KEYS[3], p.ledger, event(context, string.format(
         ',"kind":"%s","credits":%d,"reserved":%d,"period":"%s","cached":false',
@@ -54,7 +71,7 @@ end
 if p.owner_ttl_ms then
   redis.call('SET', KEYS[7], '1', 'PX', p.owner_ttl_ms)
 end
-if p.event and redis.call('SET', KEYS[8], '1', 'NX', 'PX', p.guard_ms) then
+if p.event and first_time() then
   record(KEYS[3], p.ledger, p.event)
 end
 return {settled, spent, reserved, charged}
