@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .base import ScriptFailed
-from .embedded import EmbeddedError, EmbeddedRedis
+from .embedded import EmbeddedRedis, ResponseError
 from .payload import Args
 from .scripts import SCRIPTS, Call, source
 
@@ -32,7 +32,7 @@ class EmbeddedEngine:
     async def run(self, name: str, keys: Sequence[str], args: Args) -> Any:
         try:
             return self.redis.evalsha(self._sha[name], keys, args)
-        except EmbeddedError as exc:
+        except ResponseError as exc:
             raise ScriptFailed(f"memory: {exc}") from None
 
     async def run_many(self, calls: Sequence[Call]) -> list[Any]:
