@@ -161,9 +161,10 @@ def decide(req: Billing, end: End, answer: Answer | None, rules: CacheRules) -> 
 def written_first(req: Billing, decision: Decision) -> bool:
     """Whether a later request relies on this end at once, so that it is in the store before
     the client sees the answer (it may retry, or poll another replica, straight away): the
-    Idempotency-Key's answer (or its release, so that a retry is not refused as in flight) and
-    a task's owner. Charges, the cache and the ledger follow after the answer."""
-    return req.idempotent or decision.owner is not None
+    Idempotency-Key's answer (or its release, so that a retry is not refused as in flight), a
+    task's owner, and a refund (a retry must find its credits back, not a spurious 402).
+    Charges, the cache and the ledger follow after the answer."""
+    return req.idempotent or decision.owner is not None or decision.charge is Charge.REFUND
 
 
 def reconcile(reservation_id: str, *, owner_alive: bool, poll: Answer | None) -> Decision | None:

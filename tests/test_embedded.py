@@ -28,13 +28,15 @@ from gateway.store.base import (
     Admission,
     CacheRef,
     Completion,
+    LedgerTrim,
     Pace,
     Reservation,
     Settle,
     Verdict,
 )
 from gateway.store.embedded import EmbeddedRedis, ResponseError
-from gateway.store.redis import RedisStore
+from gateway.store.redis import RedisEngine
+from gateway.store.scripts import ScriptStore
 
 from .conftest import RedisServer
 
@@ -528,7 +530,7 @@ def _reserve(ticket: str, amount: int, period: str = "m2026-11") -> Reservation:
     return Reservation(ticket, period, amount, CONTEXT)
 
 
-async def _store_walk(store: RedisStore) -> list[Verdict]:
+async def _store_walk(store: ScriptStore) -> list[Verdict]:
     """The store's operations, each kind of outcome at least once."""
     ref = CacheRef("chat/completions", "d" * 64)
     shared = CacheRef("chat/completions", "f" * 64, shared=True)
@@ -579,9 +581,22 @@ async def _store_walk(store: RedisStore) -> list[Verdict]:
     cancelled = _admission("c1", reservation=_reserve("c1", 5_000), cache=ref)
     await store.cancel(cancelled)
     verdicts.append((await store.admit(cancelled)).verdict)
+    await admit("kb", reservation=Reservation("kb", "m2026-11", 60_000, CONTEXT, key="k"),
+                key_budget_limit=50_000)
     for i in range(5):
-        await store.finish(Completion("t", f"l{i}", ledger=b'{"n": %d}' % i))
-    await store.finish(Completion("t", "l5", ledger=b'{"n": 5}', ledger_min_ms=10**13))
+        await store.finish(Completion("t", f"l{i}", event=b'{"n": %d}' % i))
+    await store.finish(Completion("t", "l5", event=b'{"n": 5}', ledger=LedgerTrim(min_ms=10**13)))
+    await store.finish(Completion("t", "d1", Settle.CHARGE, "d1", charge=7,
+                                  direct=_reserve("d1", 9_000)))
+    await store.finish(Completion("t", "d1", Settle.CHARGE, "d1", charge=7,
+                                  direct=_reserve("d1", 9_000)))  # once per ticket
+    await store.heartbeat("proc", 1)
+    await store.bump_config()
+    await store.processes()
+    await store.reservations("t")
+    await store.ledger("t")
+    await store.budgets([("t", "m2026-11")])
+    await store.try_lock("lock", "me", 1000)
     return verdicts
 
 
@@ -590,7 +605,7 @@ def test_the_projects_scripts_reply_as_on_redis(pair: Pair, redis_server: RedisS
         client = redis.asyncio.Redis(host="127.0.0.1", port=redis_server.port)
         recorder = Recorder(pair, client)
         try:
-            verdicts = await _store_walk(RedisStore(client, prefix="test"))
+            verdicts = await _store_walk(ScriptStore(RedisEngine(client), prefix="test"))
         finally:
             await client.aclose()
         assert recorder.scripts > 40
@@ -604,10 +619,17 @@ def test_the_projects_scripts_reply_as_on_redis(pair: Pair, redis_server: RedisS
 def test_the_cluster_scripts_reply_as_on_redis(pair: Pair) -> None:
     lookup, store_entry = _library("lookup"), _library("store_entry")
     keys = ("c:entry", "c:flight")
-    for source, args in ((lookup, ("t1", "10000")), (lookup, ("t2", "10000")),
-                         (store_entry, ("", "0", "t2", "1")), (store_entry, ("", "0", "t1", "1")),
-                         (lookup, ("t3", "10000")), (store_entry, ("entry", "60000", "t3", "1")),
-                         (lookup, ("t4", "10000"))):
+
+    def look(ticket: str) -> tuple[str, ...]:
+        return (f'{{"ticket":"{ticket}","hold_ms":10000}}',)
+
+    def store(ticket: str, entry: str = "") -> tuple[str, ...]:
+        ttl = ',"cache_ttl_ms":60000' if entry else ""
+        return (f'{{"ticket":"{ticket}","release":true{ttl}}}', entry)
+
+    for source, args in ((lookup, look("t1")), (lookup, look("t2")), (store_entry, store("t2")),
+                         (store_entry, store("t1")), (lookup, look("t3")),
+                         (store_entry, store("t3", "entry")), (lookup, look("t4"))):
         ours, theirs = pair.script(source, keys, args)
         assert close(ours, theirs, pair.slack())
     assert_same_keyspace(pair)

@@ -437,8 +437,9 @@ def settle(gateway: RunningGateway) -> None:
 def research_mix(gateway: RunningGateway, mock: Mock, redis: RedisServer, tag: str) -> None:
     """The research team's share of each round (answers asserted, so the counts below hold).
 
-    Upstream failures first: each reserves 2 credits and is refunded, which the 9-credit budget
-    holds only before the round's two paid answers.
+    Upstream failures first: each reserves 2 credits and is refunded before the next one. Each
+    round spends 6 credits (two paid answers, and one served while the store is away, charged
+    when it is back), which the 14-credit budget holds for two rounds.
     """
     for fault, status in (({"status": 500}, 500), ({"status": 402}, 503),
                           ({"status": 401}, 502), ({"drop": True}, 502)):
@@ -451,7 +452,7 @@ def research_mix(gateway: RunningGateway, mock: Mock, redis: RedisServer, tag: s
         "MISS", "HIT", "HIT", "HIT", "MISS", "HIT"]
     assert all(r.status_code == 200 for r in first + second)
     video = gateway.call("POST", "videos/generations", json={"model": "kling-3", "prompt": "x"})
-    assert video.status_code == 402  # 100 credits never fit a budget of 9
+    assert video.status_code == 402  # 100 credits never fit a budget of 14
     redis.pause()  # store.on_error: open serves it without the store, or its budget
     try:
         assert gateway.chat(f"{tag}, store away").status_code == 200
@@ -470,7 +471,7 @@ def test_every_dashboard_query_answers_with_the_traffic_sent(
         private_redis: RedisServer, make_gateway: GatewayFactory, mock: Mock,
         prometheus: Callable[[list[str]], Prometheus]) -> None:
     gateway = make_gateway(private_redis.url, store={"on_error": "open"}, teams={
-        "research": team_config("research", budget={"credits": 9, "period": "month"}),
+        "research": team_config("research", budget={"credits": 14, "period": "month"}),
         "marketing": team_config("marketing", requests_per_day=3,
                                  budget={"credits": 1000, "period": "month"}),
     })
@@ -547,10 +548,10 @@ def test_every_dashboard_query_answers_with_the_traffic_sent(
     errors = one("Upstream errors (5xx, no answer)", "status")
     assert {k: v * window_s for k, v in errors.items()} == {"500": approx(1, rel=1e-2),
                                                             "error": approx(1, rel=1e-2)}
-    # budgets come from the store (Redis), which never saw the request served without it
-    assert one("Budget remaining", "team") == {"research": 1, "marketing": 996}
+    # budgets come from the store (Redis), which was told of the request served without it
+    assert one("Budget remaining", "team") == {"research": 2, "marketing": 996}
     used = one("Budget used", "team")
-    assert used == {"research": approx(8 / 9), "marketing": approx(4 / 1000)}
+    assert used == {"research": approx(12 / 14), "marketing": approx(4 / 1000)}
     assert one("In-flight requests") == {"": 0}
     fallback = one("Requests served without the store (open fallback)")
     assert fallback[""] * window_s == approx(1, rel=1e-2)
@@ -568,7 +569,7 @@ def test_every_dashboard_query_answers_with_the_traffic_sent(
     # ...and their conditions hold exactly where this traffic says they should
     alerting = {rule["alert"]: prom.query(rule["expr"], at=end) for rule in rules()}
     assert values_by(alerting["AioGatewayTeamBudgetHigh"], "team") == {
-        "research": approx(8 / 9)}
+        "research": approx(12 / 14)}
     assert alerting["AioGatewayTeamBudgetExhausted"] == []
     assert set(values_by(alerting["AioGatewayUpstreamAccountNeedsAttention"], "status")) == {
         "401", "402"}

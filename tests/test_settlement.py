@@ -130,7 +130,9 @@ def test_state_a_later_request_relies_on_goes_first() -> None:
     assert written_first(SYNC_KEYED, Decision(remember=True))
     assert written_first(SYNC_KEYED, Decision(Charge.REFUND))  # the key's release, too
     assert written_first(CREATE, Decision(Charge.HOLD, task="t", owner="t"))
+    assert written_first(SYNC, Decision(Charge.REFUND))  # a retry finds its credits back
     assert not written_first(SYNC, Decision(Charge.SETTLE, 5, cache_ttl_s=60))
+    assert not written_first(POLL, Decision(cache_ttl_s=2))
 
 
 @pytest.mark.parametrize(("reservation", "alive", "poll", "expected"), [

@@ -463,11 +463,16 @@ def test_a_bad_charge_changes_nothing(store_url: str) -> None:
     run(store_url, body)
 
 
-def test_processes_say_they_are_alive(store_url: str) -> None:
+def test_processes_report_liveness_and_config_generation(store_url: str) -> None:
     async def body(store: Store) -> None:
-        await store.heartbeat("p1", 60_000)
-        await store.heartbeat("p2", 1)
+        assert (await store.heartbeat("p1", 0)).generation == 0
+        assert await store.bump_config() == 1
+        seen = await store.heartbeat("p2", 1)
+        assert seen.generation == 1
+        assert {name: gen for name, (gen, _) in seen.seen.items()} == {"p1": 0, "p2": 1}
         await asyncio.sleep(0.05)
-        assert await store.alive(["p1", "p2", "p3"]) == {"p1"}
+        processes = await store.processes()
+        assert processes.alive(30_000) == {"p1", "p2"}
+        assert processes.alive(10) == set()  # neither was heard from in the last 10 ms
 
     run(store_url, body)
