@@ -1,4 +1,4 @@
-"""The `aio-gateway` command: serve, check-config, keys, usage, mock-upstream."""
+"""The `aio-gateway` command: serve, check-config, keys, usage, ledger, mock-upstream."""
 
 from __future__ import annotations
 
@@ -11,13 +11,17 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from . import config as cfg
 from .auth import hash_key, new_key
 from .budget import from_milli
+
+if TYPE_CHECKING:
+    from .ledger import LedgerDB
+    from .ledger.report import Report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,6 +48,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     usage.add_argument("--team")
     usage.add_argument("--since", help="YYYY-MM-DD (UTC)")
     usage.add_argument("--format", choices=["table", "csv"], default="table")
+    usage.add_argument("--by", help="with ledger.url: group by team,key,model,route,tag:<name> "
+                                    "(default team)")
+    usage.add_argument("--period", choices=["day", "month"],
+                       help="with ledger.url: one row per UTC day or month")
+
+    ledger = commands.add_parser("ledger", help="the ledger of record in PostgreSQL")
+    ledger_commands = ledger.add_subparsers(dest="ledger_command", required=True)
+    migrate = ledger_commands.add_parser("migrate", help="create or upgrade its schema")
+    migrate.add_argument("--config", required=True)
 
     mock = commands.add_parser("mock-upstream", help="run the offline stand-in for apiin.one")
     mock.add_argument("--host", default="127.0.0.1")
@@ -59,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         handler = {"serve": _serve, "check-config": _check, "keys": _keys, "usage": _usage,
-                   "mock-upstream": _mock}[args.command]
+                   "ledger": _ledger, "mock-upstream": _mock}[args.command]
         return handler(args)
     except cfg.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
@@ -115,23 +128,63 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger(args: argparse.Namespace) -> int:
+    from .ledger import LedgerUnavailable
+    from .ledger.migrate import migrate
+
+    config = cfg.load(args.config)
+    db = _ledger_db(config)
+    if db is None:
+        print("ledger migrate: the config has no ledger.url", file=sys.stderr)
+        return 2
+
+    async def run() -> list[str]:
+        try:
+            return [f"{m.version:04d}_{m.name}" for m in await migrate(db)]
+        finally:
+            await db.close()
+
+    try:
+        applied = asyncio.run(run())
+    except LedgerUnavailable as exc:
+        print(f"ledger migrate: {exc}", file=sys.stderr)
+        return 1
+    print(f"applied: {', '.join(applied)}" if applied else "the schema is up to date")
+    return 0
+
+
+def _ledger_db(config: cfg.Config) -> LedgerDB | None:
+    from .ledger import LedgerDB
+
+    if config.ledger.url is None:
+        return None
+    return LedgerDB(config.ledger.url, timeout_s=config.ledger.timeout_s, max_connections=1)
+
+
 def _usage(args: argparse.Namespace) -> int:
     config = cfg.load(args.config)
-    if config.store.url.startswith("memory://"):
-        print("usage: memory:// keeps the ledger inside the running gateway; read it with "
-              "GET /admin/v1/teams/{team}/ledger, or use a Redis store", file=sys.stderr)
-        return 1
     if args.team is not None and args.team not in config.teams:
         print(f"usage: no team named {args.team!r} in the config", file=sys.stderr)
         return 2
-    since_ms = 0
+    since = None
     if args.since:
         try:
             since = datetime.strptime(args.since, "%Y-%m-%d").replace(tzinfo=UTC)
         except ValueError:
             print("usage: --since takes a date, YYYY-MM-DD", file=sys.stderr)
             return 2
-        since_ms = int(since.timestamp() * 1000)
+    db = _ledger_db(config)
+    if db is not None:
+        return _usage_report(args, db, since)
+    if args.by or args.period:
+        print("usage: --by and --period read the ledger of record: set ledger.url",
+              file=sys.stderr)
+        return 2
+    if config.store.url.startswith("memory://"):
+        print("usage: memory:// keeps the ledger inside the running gateway; read it with "
+              "GET /admin/v1/teams/{team}/ledger, or use a Redis store", file=sys.stderr)
+        return 1
+    since_ms = int(since.timestamp() * 1000) if since else 0
     teams = [args.team] if args.team else list(config.teams)
     events = asyncio.run(_read_ledger(config, teams, since_ms))
     if args.format == "csv":
@@ -139,6 +192,47 @@ def _usage(args: argparse.Namespace) -> int:
     else:
         _print_totals(events, teams)
     return 0
+
+
+def _usage_report(args: argparse.Namespace, db: LedgerDB, since: datetime | None) -> int:
+    from .ledger import LedgerUnavailable
+    from .ledger.report import parse_by, usage
+
+    try:
+        by = parse_by(args.by or "team")
+    except ValueError as exc:
+        print(f"usage: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> Report:
+        try:
+            return await usage(db, by, period=args.period, since=since, team=args.team)
+        finally:
+            await db.close()
+
+    try:
+        report = asyncio.run(run())
+    except LedgerUnavailable as exc:
+        print(f"usage: {exc}", file=sys.stderr)
+        return 1
+    if args.format == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(report.header)
+        writer.writerows(report.rows)
+    else:
+        _print_table(report)
+    return 0
+
+
+def _print_table(report: Report) -> None:
+    from .ledger.report import TOTALS
+
+    cells = [list(report.header), *([str(v) for v in row] for row in report.rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(report.header))]
+    labels = len(report.header) - len(TOTALS)  # the rest are numbers: right-aligned
+    for row in cells:
+        print("  ".join(v.ljust(w) if i < labels else v.rjust(w)
+                        for i, (v, w) in enumerate(zip(row, widths, strict=True))).rstrip())
 
 
 async def _read_ledger(config: cfg.Config, teams: list[str], since_ms: int) -> list[dict[str, Any]]:

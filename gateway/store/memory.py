@@ -347,7 +347,7 @@ class MemoryStore:
 
     async def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
         key = self.keys.org(name)
-        if self._kv.get(key) is not None:
+        if self._kv.get(key) not in (None, owner):
             return False
         self._kv.set(key, owner, ttl_ms)
         return True

@@ -296,10 +296,16 @@ class RedisStore:
 
     async def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
         key = self.keys.org(name)
-        return bool(await self._call(lambda: self._redis.set(key, owner, px=ttl_ms, nx=True)))
+        return bool(await self._call(lambda: self._redis.eval(_LOCK, 1, key, owner, ttl_ms)))
 
 
 __all__ = ["RedisStore", "Verdict"]
+
+# take the lock, or extend it if this owner holds it already
+_LOCK = """
+if redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0"""
 
 
 def _settled(reply: Any) -> Settled:

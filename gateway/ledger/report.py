@@ -1,0 +1,80 @@
+"""Usage reports from the ledger of record: totals grouped by team, key, model, route or tag,
+per day or month (UTC). `--by` is checked here, and every value reaches SQL as a parameter."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from ..budget import from_milli
+from .postgres import LedgerDB
+
+Period = Literal["day", "month"]
+COLUMNS = {"team": "team", "key": "key_id", "model": "model", "route": "route"}
+_TAG = re.compile(r"tag:([A-Za-z0-9_.-]{1,64})")
+_PERIOD_FORMAT = {"day": "YYYY-MM-DD", "month": "YYYY-MM"}
+TOTALS = ("requests", "cached", "refunded", "credits", "saved")
+
+
+def parse_by(text: str) -> tuple[str, ...]:
+    """`team,key,model,tag:project` -> the fields, checked; raises ValueError naming the bad one."""
+    fields = tuple(part.strip() for part in text.split(","))
+    for name in fields:
+        if name not in COLUMNS and not _TAG.fullmatch(name):
+            raise ValueError(f"--by: unknown field {name[:70]!r}; use "
+                             f"{', '.join(COLUMNS)} or tag:<name>")
+    if len(set(fields)) != len(fields):
+        raise ValueError("--by: a field is named twice")
+    return fields
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    header: tuple[str, ...]
+    rows: list[tuple[Any, ...]]
+
+
+def query(by: tuple[str, ...], *, period: Period | None, since: datetime | None,
+          team: str | None) -> tuple[str, list[Any]]:
+    """The SQL of one report and its parameters."""
+    args: list[Any] = []
+
+    def param(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    keys = []
+    if period is not None:
+        keys.append(f"to_char(event_time AT TIME ZONE 'UTC', {param(_PERIOD_FORMAT[period])})")
+    for name in by:
+        tag = _TAG.fullmatch(name)
+        keys.append(f"event->'tags'->>{param(tag.group(1))}" if tag else COLUMNS[name])
+    where = []
+    if since is not None:
+        where.append(f"event_time >= {param(since)}")
+    if team is not None:
+        where.append(f"team = {param(team)}")
+    positions = ", ".join(str(i + 1) for i in range(len(keys)))
+    sql = (
+        f"SELECT {''.join(k + ', ' for k in keys)}count(*), count(*) FILTER (WHERE cached), "
+        "count(*) FILTER (WHERE kind = 'refund'), coalesce(sum(credits), 0)::bigint, "
+        "coalesce(sum(saved), 0)::bigint FROM ledger_events"
+        + (f" WHERE {' AND '.join(where)}" if where else "")
+        + (f" GROUP BY {positions} ORDER BY {positions}" if keys else "")
+    )
+    return sql, args
+
+
+async def usage(db: LedgerDB, by: tuple[str, ...], *, period: Period | None = None,
+                since: datetime | None = None, team: str | None = None) -> Report:
+    sql, args = query(by, period=period, since=since, team=team)
+    records = await db.fetch(sql, *args)
+    header = (*(("period",) if period else ()), *by, *TOTALS)
+    rows = []
+    for record in records:
+        values = list(record.values())
+        values[-2:] = [from_milli(values[-2]), from_milli(values[-1])]
+        rows.append(tuple("" if v is None else v for v in values))
+    return Report(header, rows)
