@@ -4,6 +4,7 @@ port, run as an unprivileged user (PostgreSQL refuses root), killed and restarte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import os
 import pwd
@@ -100,10 +101,8 @@ class PostgresServer:
     def kill(self) -> None:
         """SIGKILL the postmaster and its backends at once (they share a process group)."""
         if self.process is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.process.wait()
             self.process = None
 
