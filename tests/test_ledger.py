@@ -114,7 +114,7 @@ def test_the_ledger_url_is_read_from_the_environment_and_never_shown() -> None:
     db = LedgerDB(url)
     assert PASSWORD not in repr(db) and "aio:***@db:5432" in repr(db)
     assert redacted(url) == "postgresql://aio:***@db:5432/aio?sslmode=require"
-    with pytest.raises(cfg.ConfigError, match="ledger.batch_rows: must be at most 10000"):
+    with pytest.raises(cfg.ConfigError, match=r"ledger\.batch_rows: must be at most 10000"):
         cfg.from_dict({"ledger": {"batch_rows": 10001}})
 
 
