@@ -52,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     "(default team)")
     usage.add_argument("--period", choices=["day", "month"],
                        help="with ledger.url: one row per UTC day or month")
+    usage.add_argument("--until", help="with ledger.url: YYYY-MM-DD (UTC), excluded")
 
     ledger = commands.add_parser("ledger", help="the ledger of record in PostgreSQL")
     ledger_commands = ledger.add_subparsers(dest="ledger_command", required=True)
@@ -166,18 +167,16 @@ def _usage(args: argparse.Namespace) -> int:
     if args.team is not None and args.team not in config.teams:
         print(f"usage: no team named {args.team!r} in the config", file=sys.stderr)
         return 2
-    since = None
-    if args.since:
-        try:
-            since = datetime.strptime(args.since, "%Y-%m-%d").replace(tzinfo=UTC)
-        except ValueError:
-            print("usage: --since takes a date, YYYY-MM-DD", file=sys.stderr)
-            return 2
+    try:
+        since, until = _date(args.since, "--since"), _date(args.until, "--until")
+    except ValueError as exc:
+        print(f"usage: {exc}", file=sys.stderr)
+        return 2
     db = _ledger_db(config)
     if db is not None:
-        return _usage_report(args, db, since)
-    if args.by or args.period:
-        print("usage: --by and --period read the ledger of record: set ledger.url",
+        return _usage_report(args, db, since, until)
+    if args.by or args.period or until:
+        print("usage: --by, --period and --until read the ledger of record: set ledger.url",
               file=sys.stderr)
         return 2
     if config.store.url.startswith("memory://"):
@@ -194,7 +193,17 @@ def _usage(args: argparse.Namespace) -> int:
     return 0
 
 
-def _usage_report(args: argparse.Namespace, db: LedgerDB, since: datetime | None) -> int:
+def _date(text: str | None, option: str) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        raise ValueError(f"{option} takes a date, YYYY-MM-DD") from None
+
+
+def _usage_report(args: argparse.Namespace, db: LedgerDB, since: datetime | None,
+                  until: datetime | None) -> int:
     from .ledger import LedgerUnavailable
     from .ledger.report import parse_by, usage
 
@@ -206,7 +215,8 @@ def _usage_report(args: argparse.Namespace, db: LedgerDB, since: datetime | None
 
     async def run() -> Report:
         try:
-            return await usage(db, by, period=args.period, since=since, team=args.team)
+            return await usage(db, by, period=args.period, since=since, until=until,
+                               team=args.team)
         finally:
             await db.close()
 

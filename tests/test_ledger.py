@@ -323,6 +323,8 @@ def test_usage_groups_by_team_key_model_and_tag_per_period(
         ["2026-11", "research", "search", "2", "1", "0", "2.5", "2"],
         ["2026-11", "research", "video", "1", "0", "1", "0", "0"],
         ["2026-11", "research", "", "1", "0", "0", "100", "0"]]
+    assert usage_csv(report_config, capsys, "--period", "month", "--until", "2026-11-01") == [
+        ["period", "team", *head], ["2026-10", "research", "1", "0", "0", "2", "0"]]
     assert usage_csv(report_config, capsys, "--by", "key,model", "--period", "day",
                      "--team", "research", "--since", "2026-11-01") == [
         ["period", "key", "model", *head],
@@ -350,4 +352,6 @@ def test_by_and_period_need_the_ledger_of_record(tmp_path: Path,
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(base_config("http://127.0.0.1:9/api/v1")))
     assert cli.main(["usage", "--config", str(path), "--by", "model"]) == 2
+    assert "set ledger.url" in capsys.readouterr().err
+    assert cli.main(["usage", "--config", str(path), "--until", "2026-12-01"]) == 2
     assert "set ledger.url" in capsys.readouterr().err

@@ -37,7 +37,7 @@ class Report:
 
 
 def query(by: tuple[str, ...], *, period: Period | None, since: datetime | None,
-          team: str | None) -> tuple[str, list[Any]]:
+          until: datetime | None, team: str | None) -> tuple[str, list[Any]]:
     """The SQL of one report and its parameters."""
     args: list[Any] = []
 
@@ -54,6 +54,8 @@ def query(by: tuple[str, ...], *, period: Period | None, since: datetime | None,
     where = []
     if since is not None:
         where.append(f"event_time >= {param(since)}")
+    if until is not None:
+        where.append(f"event_time < {param(until)}")
     if team is not None:
         where.append(f"team = {param(team)}")
     positions = ", ".join(str(i + 1) for i in range(len(keys)))
@@ -68,8 +70,10 @@ def query(by: tuple[str, ...], *, period: Period | None, since: datetime | None,
 
 
 async def usage(db: LedgerDB, by: tuple[str, ...], *, period: Period | None = None,
-                since: datetime | None = None, team: str | None = None) -> Report:
-    sql, args = query(by, period=period, since=since, team=team)
+                since: datetime | None = None, until: datetime | None = None,
+                team: str | None = None) -> Report:
+    """Totals per group; `since` is inclusive, `until` exclusive."""
+    sql, args = query(by, period=period, since=since, until=until, team=team)
     records = await db.fetch(sql, *args)
     header = (*(("period",) if period else ()), *by, *TOTALS)
     rows = []
