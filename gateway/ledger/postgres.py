@@ -131,10 +131,6 @@ class LedgerDB:
             rows = await conn.fetch(_PAGE, team, entry_time(max(ms, 0)), seq, limit)
         return [LedgerEntry(f"{r['ms']}-{r['seq']}", r["event"].encode()) for r in rows]
 
-    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        async with self.connection() as conn:
-            return await conn.fetch(query, *args)
-
     async def _get_pool(self) -> asyncpg.Pool:
         async with self._opening:
             if self._pool is None:
