@@ -165,6 +165,7 @@ class Shipper:
             if len(page) < self.batch_rows:
                 waiting.count, waiting.oldest_ms = 0, None
                 return written
+            self._report()  # a long catch-up shows its progress
 
     async def _count(self, teams: Sequence[str]) -> None:
         """PostgreSQL is away: read ahead of what was counted, to show the backlog grow."""
