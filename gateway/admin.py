@@ -1,7 +1,8 @@
 """The operators' API under /admin/v1, for admin keys only.
 
     GET    /admin/v1/teams                       quota, budget, spent and remaining per team
-    GET    /admin/v1/teams/{team}/ledger         one team's ledger, paged (?after=<id>&limit=)
+    GET    /admin/v1/teams/{team}/ledger         one team's ledger, paged (?after=<id>&limit=);
+                                                 from PostgreSQL when ledger.url is set
     GET    /admin/v1/keys                        every key id, its team, revoked or not, its
                                                  lifetime (?expiring_within=7d: only those)
     POST   /admin/v1/keys/{key_id}/revoke        refuse a key at once, on every replica
@@ -27,6 +28,7 @@ from .auth import TeamKey, timestamp
 from .budget import from_milli, period_end, period_id
 from .config import ConfigError
 from .errors import InvalidRequest, NotFound, StoreUnavailable
+from .ledger import LedgerDB, LedgerUnavailable
 from .runtime import Runtime
 from .store import StoreError
 
@@ -106,7 +108,14 @@ async def ledger(request: Request) -> Response:
     after = request.query_params.get("after", "-")
     if after != "-" and not _ENTRY_ID.fullmatch(after):
         raise InvalidRequest("after must be an entry id from a previous page.")
-    entries = await _store(runtime.store.ledger(team, after=after, limit=limit))
+    record: LedgerDB | None = request.app.state.ledger
+    if record is not None:  # the ledger of record, when configured
+        try:
+            entries = await record.ledger(team, after=after, limit=limit)
+        except LedgerUnavailable:
+            raise StoreUnavailable("The ledger database is unreachable; retry shortly.") from None
+    else:
+        entries = await _store(runtime.store.ledger(team, after=after, limit=limit))
     events = [{"id": e.id, **_event(e.id, e.event)} for e in entries]
     return _json({
         "team": team,

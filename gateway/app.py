@@ -23,6 +23,8 @@ from .asgi import Receive, RequestIdMiddleware, Scope, Send
 from .auth import EXPIRY_WINDOWS
 from .budget import period_id
 from .errors import GatewayError, MethodNotAllowed, NotFound, error_body
+from .ledger import LedgerDB, Shipper
+from .ledger.postgres import url_secrets
 from .metrics import CONTENT_TYPE, Metrics
 from .policy import Policy
 from .proxy import PREFIX, Proxy
@@ -73,6 +75,8 @@ def create_app(
         config_path=config_path,
     )
 
+    ledger_db, shipper = _ledger(config, runtime)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         runtime.loop = asyncio.get_running_loop()
@@ -84,6 +88,8 @@ def create_app(
             asyncio.create_task(Reconciler(runtime, interval_s=reconcile_interval_s).run()),
             asyncio.create_task(runtime.keep_alive()),
         ]
+        if shipper is not None:
+            shipper.start()
         if config_path is not None and threading.current_thread() is threading.main_thread():
             asyncio.get_running_loop().add_signal_handler(
                 signal.SIGHUP, lambda: _reload_on_signal(runtime))
@@ -92,7 +98,11 @@ def create_app(
         finally:
             for task in background:
                 task.cancel()
+            grace_ends = time.monotonic() + runtime.policy.config.listen.shutdown_grace_s
             await runtime.drain(runtime.policy.config.listen.shutdown_grace_s)
+            if shipper is not None and ledger_db is not None:
+                await shipper.stop(max(grace_ends - time.monotonic(), 1.0))
+                await ledger_db.close()
             await runtime.upstream.aclose()
             await runtime.store.close()
             runtime.metrics.close()
@@ -109,14 +119,27 @@ def create_app(
         exception_handlers={HTTPException: http_error, GatewayError: gateway_error},
     )
     site.state.runtime = runtime
+    site.state.ledger = ledger_db
     return Gateway(runtime, site)
+
+
+def _ledger(config: cfg.Config, runtime: Runtime) -> tuple[LedgerDB | None, Shipper | None]:
+    """With `ledger.url`: the ledger of record, and the shipper that copies the store's ledger."""
+    if config.ledger.url is None:
+        return None, None
+    db = LedgerDB(config.ledger.url, timeout_s=config.ledger.timeout_s)
+    shipper = Shipper(runtime.store, db, lambda: runtime.policy.teams, runtime.metrics,
+                      batch_rows=config.ledger.batch_rows, interval_s=config.ledger.interval_s,
+                      clock=runtime.clock)
+    return db, shipper
 
 
 def create_app_from_env() -> Gateway:
     """Factory for `uvicorn --factory` and worker processes: the config path is in the env."""
     path = os.environ[CONFIG_ENV]
     config = cfg.load(path)
-    logs.configure(config.logging.level, secrets=[config.upstream.api_key])
+    logs.configure(config.logging.level,
+                   secrets=[config.upstream.api_key, *url_secrets(config.ledger.url)])
     return create_app(config, config_path=path)
 
 

@@ -1,4 +1,4 @@
-"""The `aio-gateway` command: serve, check-config, keys, usage, mock-upstream."""
+"""The `aio-gateway` command: serve, check-config, keys, usage, ledger, mock-upstream."""
 
 from __future__ import annotations
 
@@ -12,13 +12,17 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from . import config as cfg
 from .auth import hash_key, new_key
 from .budget import from_milli
+
+if TYPE_CHECKING:
+    from .ledger import LedgerDB
+    from .ledger.report import Report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,6 +59,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     usage.add_argument("--team")
     usage.add_argument("--since", help="YYYY-MM-DD (UTC)")
     usage.add_argument("--format", choices=["table", "csv"], default="table")
+    usage.add_argument("--by", help="with ledger.url: group by team,key,model,route,tag:<name> "
+                                    "(default team)")
+    usage.add_argument("--period", choices=["day", "month"],
+                       help="with ledger.url: one row per UTC day or month")
+    usage.add_argument("--until", help="with ledger.url: YYYY-MM-DD (UTC), excluded")
+
+    ledger = commands.add_parser("ledger", help="the ledger of record in PostgreSQL")
+    ledger_commands = ledger.add_subparsers(dest="ledger_command", required=True)
+    migrate = ledger_commands.add_parser("migrate", help="create or upgrade its schema")
+    migrate.add_argument("--config", required=True)
 
     mock = commands.add_parser("mock-upstream", help="run the offline stand-in for apiin.one")
     mock.add_argument("--host", default="127.0.0.1")
@@ -70,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         handler = {"serve": _serve, "check-config": _check, "keys": _keys, "usage": _usage,
-                   "mock-upstream": _mock}[args.command]
+                   "ledger": _ledger, "mock-upstream": _mock}[args.command]
         return handler(args)
     except cfg.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
@@ -187,23 +201,61 @@ def _utc(when: datetime) -> str:
     return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def _ledger(args: argparse.Namespace) -> int:
+    from .ledger import LedgerUnavailable
+    from .ledger.migrate import migrate
+
+    config = cfg.load(args.config)
+    db = _ledger_db(config)
+    if db is None:
+        print("ledger migrate: the config has no ledger.url", file=sys.stderr)
+        return 2
+
+    async def run() -> list[str]:
+        try:
+            return [f"{m.version:04d}_{m.name}" for m in await migrate(db)]
+        finally:
+            await db.close()
+
+    try:
+        applied = asyncio.run(run())
+    except LedgerUnavailable as exc:
+        print(f"ledger migrate: {exc}", file=sys.stderr)
+        return 1
+    print(f"applied: {', '.join(applied)}" if applied else "the schema is up to date")
+    return 0
+
+
+def _ledger_db(config: cfg.Config) -> LedgerDB | None:
+    from .ledger import LedgerDB
+
+    if config.ledger.url is None:
+        return None
+    return LedgerDB(config.ledger.url, timeout_s=config.ledger.timeout_s, max_connections=1)
+
+
 def _usage(args: argparse.Namespace) -> int:
     config = cfg.load(args.config)
+    if args.team is not None and args.team not in config.teams:
+        print(f"usage: no team named {args.team!r} in the config", file=sys.stderr)
+        return 2
+    try:
+        since, until = _date(args.since, "--since"), _date(args.until, "--until")
+    except ValueError as exc:
+        print(f"usage: {exc}", file=sys.stderr)
+        return 2
+    db = _ledger_db(config)
+    if db is not None:
+        return _usage_report(args, db, since, until)
+    if args.by or args.period or until:
+        print("usage: --by, --period and --until read the ledger of record: set ledger.url",
+              file=sys.stderr)
+        return 2
     if config.store.url.startswith("memory://"):
         print("usage: memory:// keeps the ledger inside the running gateway; read it with "
               "GET /admin/v1/teams/{team}/ledger, or use a Redis store", file=sys.stderr)
         return 1
-    if args.team is not None and args.team not in config.teams:
-        print(f"usage: no team named {args.team!r} in the config", file=sys.stderr)
-        return 2
-    since_ms = 0
-    if args.since:
-        try:
-            since = datetime.strptime(args.since, "%Y-%m-%d").replace(tzinfo=UTC)
-        except ValueError:
-            print("usage: --since takes a date, YYYY-MM-DD", file=sys.stderr)
-            return 2
-        since_ms = int(since.timestamp() * 1000)
+    since_ms = int(since.timestamp() * 1000) if since else 0
     teams = [args.team] if args.team else list(config.teams)
     events = asyncio.run(_read_ledger(config, teams, since_ms))
     if args.format == "csv":
@@ -211,6 +263,58 @@ def _usage(args: argparse.Namespace) -> int:
     else:
         _print_totals(events, teams)
     return 0
+
+
+def _date(text: str | None, option: str) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        raise ValueError(f"{option} takes a date, YYYY-MM-DD") from None
+
+
+def _usage_report(args: argparse.Namespace, db: LedgerDB, since: datetime | None,
+                  until: datetime | None) -> int:
+    from .ledger import LedgerUnavailable
+    from .ledger.report import parse_by, usage
+
+    try:
+        by = parse_by(args.by or "team")
+    except ValueError as exc:
+        print(f"usage: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> Report:
+        try:
+            return await usage(db, by, period=args.period, since=since, until=until,
+                               team=args.team)
+        finally:
+            await db.close()
+
+    try:
+        report = asyncio.run(run())
+    except LedgerUnavailable as exc:
+        print(f"usage: {exc}", file=sys.stderr)
+        return 1
+    if args.format == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(report.header)
+        writer.writerows(report.rows)
+    else:
+        _print_table(report)
+    return 0
+
+
+def _print_table(report: Report) -> None:
+    from .ledger.report import TOTALS
+
+    cells = [list(report.header), *([str(v) for v in row] for row in report.rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(report.header))]
+    labels = len(report.header) - len(TOTALS)  # the rest are numbers: right-aligned
+    for row in cells:
+        print("  ".join(v.ljust(w) if i < labels else v.rjust(w)
+                        for i, (v, w) in enumerate(zip(row, widths, strict=True))).rstrip())
 
 
 async def _read_ledger(config: cfg.Config, teams: list[str], since_ms: int) -> list[dict[str, Any]]:

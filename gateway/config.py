@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
@@ -181,6 +181,11 @@ class Attribution:
 class Ledger:
     retention_days: float = field(default=90.0, metadata=_check(above=0))
     max_entries: int = field(default=1_000_000, metadata=_check(minimum=1))
+    # the ledger of record: entries are copied there in the background (gateway/ledger/)
+    url: str | None = field(default=None, repr=False, metadata=_check(secret=True))
+    batch_rows: int = field(default=1000, metadata=_check(minimum=1))
+    interval_s: float = field(default=1.0, metadata=_check(above=0))
+    timeout_s: float = field(default=10.0, metadata=_check(above=0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,6 +430,10 @@ def _validate(config: Config) -> None:
     rpm = config.upstream.requests_per_minute
     if rpm is not None and config.upstream.burst > rpm:
         raise ConfigError("upstream.burst: must not exceed upstream.requests_per_minute")
+    if config.ledger.url is not None:
+        _check_postgres_url(config.ledger.url)
+    if config.ledger.batch_rows > 10000:
+        raise ConfigError("ledger.batch_rows: must be at most 10000")
     for i, endpoint in enumerate(config.cache.endpoints):
         if endpoint.strip("/") != endpoint or not endpoint:
             raise ConfigError(f"cache.endpoints[{i}]: write the path without slashes at the ends")
@@ -488,3 +497,33 @@ def _validate_attribution(attribution: Attribution) -> None:
             except re.error as exc:
                 raise ConfigError(f"{where}.pattern: not a valid regular expression ({exc})"
                                   ) from None
+
+
+_PG_QUERY_KEY = re.compile(r"[a-z_]{1,64}")
+
+
+def _check_postgres_url(url: str) -> None:
+    """`ledger.url` holds a password: every message here describes it without echoing it."""
+    where = "ledger.url"
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise ConfigError(f"{where}: must not contain spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{where}: not a valid URL (check the port and brackets)") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"{where}: must start with postgresql:// (or postgres://)")
+    if not parts.hostname:
+        raise ConfigError(f"{where}: must name a host: postgresql://user@host:5432/database")
+    if port == 0:
+        raise ConfigError(f"{where}: the port must be between 1 and 65535")
+    if not parts.username:
+        raise ConfigError(f"{where}: must name a user: postgresql://user@host:5432/database")
+    if not _NAME.match(parts.path.removeprefix("/")):
+        raise ConfigError(f"{where}: must name a database: postgresql://user@host:5432/database")
+    if parts.fragment:
+        raise ConfigError(f"{where}: must not have a #fragment")
+    for name, _ in parse_qsl(parts.query, keep_blank_values=True):
+        if not _PG_QUERY_KEY.fullmatch(name):
+            raise ConfigError(f"{where}: query parameters are lowercase names, like sslmode")

@@ -110,6 +110,22 @@ class Metrics:
             "Requests served without the shared store (store.on_error: open).",
             registry=registry)
 
+        # the ledger shipper (gateway/ledger/): only the replica holding its lock reports a backlog
+        self.ledger_pending = Gauge(
+            "gateway_ledger_pending",
+            "Ledger entries in the store not yet written to PostgreSQL, as far as read.",
+            multiprocess_mode="livemax", registry=registry)
+        self.ledger_lag = Gauge(
+            "gateway_ledger_lag_seconds",
+            "Age of the oldest ledger entry not yet written to PostgreSQL (0: caught up).",
+            multiprocess_mode="livemax", registry=registry)
+        self.ledger_rows = Counter(
+            "gateway_ledger_rows_total", "Ledger rows written to PostgreSQL.", registry=registry)
+        self.ledger_errors = Counter(
+            "gateway_ledger_errors_total",
+            "Ledger shipping passes that failed on PostgreSQL (unreachable, slow or refused).",
+            registry=registry)
+
     def close(self) -> None:
         """A worker that stops takes its live gauges (in-flight) out of the sums."""
         if self._multiprocess:

@@ -339,7 +339,8 @@ def _admin_paths() -> Json:
             _admin_ok("#/components/schemas/TeamList"), _admin_errors(503),
         )},
         f"{ADMIN}/teams/{{team}}/ledger": {"get": _admin_operation(
-            "getTeamLedger", "One team's usage ledger, oldest first, paged",
+            "getTeamLedger", "One team's usage ledger, oldest first, paged (from the PostgreSQL "
+            "ledger of record when ledger.url is set)",
             _admin_ok("#/components/schemas/Ledger"),
             _admin_errors(400, 404, 503, bad_request="`limit` is not a whole number, or `after` "
                           "is not an entry id.", not_found="No team with this name."),

@@ -29,6 +29,8 @@ from gateway.auth import hash_key
 from gateway.mock_upstream import Settings, create_mock_app
 from gateway.server import HttpProtocol
 
+from .postgres import PostgresServer
+
 UPSTREAM_KEY = "aio_test_upstream_SECRET_0123456789"
 KEYS = {  # team -> internal key
     "research": "aiogw_research_key_abcdefghijklmnop",
@@ -220,6 +222,39 @@ def private_redis() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.close()
+
+
+# -- PostgreSQL (the ledger of record) ----------------------------------------------------------
+
+
+def _postgres() -> PostgresServer:
+    try:
+        return PostgresServer()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = _postgres()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of the test's own, for tests that kill it."""
+    server = _postgres()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def ledger_url(postgres_server: PostgresServer) -> str:
+    """A fresh, empty database (not migrated) on the shared server."""
+    return postgres_server.new_database()
 
 
 # -- servers in threads ------------------------------------------------------------------------

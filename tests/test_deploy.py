@@ -442,6 +442,7 @@ EVERYTHING: dict[str, Any] = {  # every optional template on
     "workers": 2, "autoscaling": {"enabled": True}, "serviceMonitor": {"enabled": True},
     "grafanaDashboard": {"enabled": True}, "prometheusRule": {"enabled": True},
     "alertRulesConfigMap": {"enabled": True},
+    "ledger": {"url": "postgresql://gateway:pg_secret@postgres:5432/aio"},
 }
 
 
@@ -537,6 +538,34 @@ def test_helm_existing_secrets_for_key_and_redis_url() -> None:
 
 
 @needs_helm
+def test_helm_ledger_url_reaches_the_gateway_and_its_migration_only_through_a_secret() -> None:
+    url = "postgresql://gateway:pg_SECRET_77@postgres.data:5432/aio?sslmode=require"
+    m = render(ledger={"url": url})
+    assert url not in json.dumps(m) and "pg_SECRET_77" not in json.dumps(m)
+    (secret,) = [s for s in m["Secret"] if s["metadata"]["name"].endswith("-ledger")]
+    (job,) = m["Job"]
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    (migrate,) = job["spec"]["template"]["spec"]["containers"]
+    assert migrate["args"] == ["ledger", "migrate", "--config", "/etc/aio-gateway/config.yaml"]
+    for env in (container(m)["env"], migrate["env"]):
+        (ref,) = [e["valueFrom"]["secretKeyRef"] for e in env
+                  if e["name"] == "AIO_GATEWAY_LEDGER_URL"]
+        assert ref["name"] == secret["metadata"]["name"]
+        assert base64.b64decode(secret["data"][ref["key"]]).decode() == url
+    config = cfg.parse(rendered_config(m), env={"APIINONE_API_KEY": API_KEY,
+                                                "AIO_GATEWAY_LEDGER_URL": url})
+    assert config.ledger.url == url
+
+    mine = render(ledger={"existingSecret": "org-pg", "existingSecretKey": "dsn",
+                          "migrateJob": False})
+    assert "Job" not in mine and len(mine["Secret"]) == 1
+    (ref,) = [e["valueFrom"]["secretKeyRef"] for e in container(mine)["env"]
+              if e["name"] == "AIO_GATEWAY_LEDGER_URL"]
+    assert ref == {"name": "org-pg", "key": "dsn"}
+    assert "AIO_GATEWAY_LEDGER_URL" not in json.dumps(render())
+
+
+@needs_helm
 def test_helm_refuses_what_cannot_work() -> None:
     refused: list[tuple[dict[str, Any], str]] = [
         ({"replicaCount": 2}, "redis.url"),
@@ -544,6 +573,8 @@ def test_helm_refuses_what_cannot_work() -> None:
         ({"workers": 4}, "redis.url"),
         ({"config": {"upstream": {"api_key": "aio_in_the_configmap"}}}, "upstream.apiKey"),
         ({"upstream": {"apiKey": ""}}, "upstream.existingSecret"),
+        ({"config": {"ledger": {"url": "postgresql://u:p@db/aio"}}}, "ledger.existingSecret"),
+        ({"ledger": {"url": "postgresql://u:p@db/aio", "existingSecret": "s"}}, "not both"),
     ]
     for chart_values, message in refused:
         with pytest.raises(HelmError, match=re.escape(message)):

@@ -181,7 +181,8 @@ def test_rules_are_complete() -> None:
     for metric in ("gateway_budget_remaining_credits", "gateway_budget_limit_credits",
                    'reason="quota"', 'status=~"5..|error"', 'status=~"401|402"',
                    "gateway_store_errors_total", "gateway_store_fallback_requests_total",
-                   "histogram_quantile(0.99,", "gateway_cache_events_total"):
+                   "histogram_quantile(0.99,", "gateway_cache_events_total",
+                   "gateway_ledger_pending", "gateway_ledger_lag_seconds"):
         assert metric in reads, metric
 
 

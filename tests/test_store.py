@@ -409,6 +409,20 @@ def test_ledger_pages_and_retention(store_url: str) -> None:
     run(store_url, body)
 
 
+def test_a_lock_is_held_by_one_owner_who_may_extend_it(store_url: str) -> None:
+    async def body(store: Store) -> None:
+        assert await store.try_lock("job", "a", 60_000)
+        assert not await store.try_lock("job", "b", 60_000)
+        assert await store.try_lock("job", "a", 60_000)  # the holder renews it
+        assert await store.try_lock("other", "b", 60_000)
+        assert await store.try_lock("short", "a", 1)
+        await asyncio.sleep(0.05)
+        assert await store.try_lock("short", "b", 60_000)  # expired: another may take it
+        assert not await store.try_lock("short", "a", 60_000)
+
+    run(store_url, body)
+
+
 def test_redis_down_raises_store_error(private_redis: RedisServer) -> None:
     from gateway.store import StoreError
 

@@ -32,7 +32,7 @@ from .base import (
 from .keys import Keys
 
 SCRIPTS = ("admit", "finish", "cancel", "pace", "flight", "lookup", "store_entry", "processes",
-           "command", "now")
+           "lock", "command", "now")
 
 Call = tuple[str, Sequence[str], payload.Args]
 
@@ -219,8 +219,10 @@ class ScriptStore:
         return await self.engine.delete_matching(self.keys.cache_pattern(route=route, team=team))
 
     async def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
-        taken = await self._command(self.keys.org(name), "SET", owner, "NX", "PX", ttl_ms)
-        return bool(taken)
+        """Take the lock, or extend it if `owner` holds it already."""
+        held = await self.engine.run("lock", [self.keys.org(name)],
+                                     [orjson.dumps({"owner": owner, "ttl_ms": ttl_ms})])
+        return bool(held)
 
 
 def _field(fields: Sequence[bytes], name: bytes) -> bytes:

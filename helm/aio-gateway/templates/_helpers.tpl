@@ -77,12 +77,19 @@ store, an upstream key in the config itself, no upstream key at all.
 {{- if hasKey (.Values.config.upstream | default dict) "api_key" }}
 {{- fail "config.upstream.api_key must not be set: the chart renders ${APIINONE_API_KEY}; give the key in upstream.apiKey or upstream.existingSecret" }}
 {{- end }}
+{{- if and .Values.ledger.url .Values.ledger.existingSecret }}
+{{- fail "set ledger.url (the chart creates a Secret) or ledger.existingSecret, not both" }}
+{{- end }}
+{{- if hasKey (.Values.config.ledger | default dict) "url" }}
+{{- fail "config.ledger.url must not be set: the URL holds a password; give it in ledger.url or ledger.existingSecret" }}
+{{- end }}
 {{- if and (not .Values.upstream.apiKey) (not .Values.upstream.existingSecret) }}
 {{- fail "set upstream.apiKey (the chart creates a Secret) or upstream.existingSecret (a Secret you manage)" }}
 {{- end }}
 {{- end }}
 
-{{/* The gateway's config file: the `config` value with store.url and upstream.api_key set. */}}
+{{/* The gateway's config file: the `config` value with store.url, upstream.api_key and (with the
+ledger on) ledger.url set. */}}
 {{- define "aio-gateway.config" -}}
 {{- $config := deepCopy (.Values.config | default dict) }}
 {{- $upstream := deepCopy (get $config "upstream" | default dict) }}
@@ -91,6 +98,11 @@ store, an upstream key in the config itself, no upstream key at all.
 {{- $store := deepCopy (get $config "store" | default dict) }}
 {{- $_ := set $store "url" (include "aio-gateway.storeUrl" .) }}
 {{- $_ := set $config "store" $store }}
+{{- if include "aio-gateway.ledgerEnabled" . }}
+{{- $ledger := deepCopy (get $config "ledger" | default dict) }}
+{{- $_ := set $ledger "url" "${AIO_GATEWAY_LEDGER_URL}" }}
+{{- $_ := set $config "ledger" $ledger }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
@@ -102,4 +114,43 @@ store, an upstream key in the config itself, no upstream key at all.
 
 {{- define "aio-gateway.port" -}}
 {{- dig "listen" "port" 8080 .Values.config | int }}
+{{- end }}
+
+{{/*
+The container's environment: the secrets the rendered config reads (${APIINONE_API_KEY}, and
+${AIO_GATEWAY_REDIS_URL} / ${AIO_GATEWAY_LEDGER_URL} when they come from Secrets), shared by
+the gateway and the ledger migration Job.
+*/}}
+{{- define "aio-gateway.env" -}}
+- name: APIINONE_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "aio-gateway.apiKeySecretName" . }}
+      key: {{ include "aio-gateway.apiKeySecretKey" . }}
+{{- if .Values.redis.existingSecret }}
+- name: AIO_GATEWAY_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.existingSecret }}
+      key: {{ .Values.redis.existingSecretKey }}
+{{- end }}
+{{- if include "aio-gateway.ledgerEnabled" . }}
+- name: AIO_GATEWAY_LEDGER_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.ledger.existingSecret | default (printf "%s-ledger" (include "aio-gateway.fullname" .)) }}
+      key: {{ if .Values.ledger.existingSecret }}{{ .Values.ledger.existingSecretKey }}{{ else }}ledger-url{{ end }}
+{{- end }}
+{{- if gt (int .Values.workers) 1 }}
+- name: PROMETHEUS_MULTIPROC_DIR
+  value: /tmp/metrics
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the ledger of record (PostgreSQL) is on. */}}
+{{- define "aio-gateway.ledgerEnabled" -}}
+{{- if or .Values.ledger.url .Values.ledger.existingSecret }}true{{ end }}
 {{- end }}
