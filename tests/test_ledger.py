@@ -58,7 +58,8 @@ async def migrated(url: str) -> LedgerDB:
 
 
 def test_a_row_keeps_the_event_and_its_own_id() -> None:
-    row = to_row("research", entry("1764150000123-4", id="abc123", tags={"project": "search"}))
+    row = to_row("research", entry("1764150000123-4", event_id="abc123",
+                                   tags={"project": "search"}))
     assert row.id == "abc123"
     assert (row.team, row.seq, row.credits, row.reserved, row.saved) == ("research", 4, 2000,
                                                                           2000, 0)
@@ -68,7 +69,7 @@ def test_a_row_keeps_the_event_and_its_own_id() -> None:
 
 def test_a_row_without_an_id_is_named_by_team_and_entry() -> None:
     assert to_row("research", entry("5-0")).id == "research/5-0"
-    assert to_row("research", entry("5-0", id="x" * 201)).id == "research/5-0"
+    assert to_row("research", entry("5-0", event_id="x" * 201)).id == "research/5-0"
     assert to_row("research", entry("5-0", id=7)).id == "research/5-0"
 
 
