@@ -4,6 +4,7 @@ project's mock upstream. Nothing is faked: the gateway talks to them over loopba
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -332,6 +333,13 @@ class Mock:
     def release(self) -> None:
         self.client.post("/_mock/release").raise_for_status()
 
+    def wait_for(self, key: str, n: int = 1, timeout: float = 10) -> None:
+        """Until the mock has received `n` requests of `key` (they may still be in its hands)."""
+        deadline = time.monotonic() + timeout
+        while self.count(key) < n:
+            assert time.monotonic() < deadline, f"the upstream never saw {key}"
+            time.sleep(0.01)
+
 
 @pytest.fixture(scope="session")
 def mock_server() -> Iterator[ServerThread]:
@@ -480,6 +488,7 @@ class GatewayProcess:
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers)],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
             env={**os.environ, **(env or {})},
+            start_new_session=True,  # its worker processes die with it (see kill)
         )
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 30
@@ -504,13 +513,19 @@ class GatewayProcess:
         try:
             return self.process.wait(timeout)
         finally:
+            self._kill_group()
             self._log.close()
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
+        """SIGKILL to the gateway and every worker process it started: a killed supervisor
+        would otherwise leave its workers running, serving and heartbeating."""
+        self._kill_group()
         self.process.wait()
         self._log.close()
+
+    def _kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 @pytest.fixture

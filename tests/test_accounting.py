@@ -60,14 +60,6 @@ def poll_until_final(gateway: RunningGateway, task_id: str) -> dict[str, Any]:
     raise AssertionError("task did not finish")
 
 
-def wait_upstream(mock: Mock, key: str, n: int = 1) -> None:
-    """Until the mock has received `n` requests of `key` (they may still be in its hands)."""
-    deadline = time.monotonic() + 10
-    while mock.count(key) < n:
-        assert time.monotonic() < deadline, f"the upstream never saw {key}"
-        time.sleep(0.01)
-
-
 def in_background(call: Any) -> tuple[threading.Thread, list[httpx.Response]]:
     out: list[httpx.Response] = []
     thread = threading.Thread(target=lambda: out.append(call()))
@@ -136,7 +128,7 @@ def test_a_follower_does_not_remember_a_leaders_failure(
     gateway = budget_gateway(make_gateway, store_url)
     mock.fault(status=status, delay_s=0.5, retry_after="1")
     leader, _ = in_background(lambda: gateway.chat("follow me"))
-    wait_upstream(mock, "POST chat/completions")
+    mock.wait_for("POST chat/completions")
     follower = gateway.chat("follow me", headers={"Idempotency-Key": "f-1"})
     leader.join()
     assert follower.status_code == status and follower.headers["x-cache"] == "COALESCED"
@@ -154,7 +146,7 @@ def test_a_follower_with_a_key_whose_leader_failed_is_not_409(
     gateway = budget_gateway(make_gateway, store_url)
     mock.fault(drop=True, delay_s=0.5)
     leader, led = in_background(lambda: gateway.chat("no answer"))
-    wait_upstream(mock, "POST chat/completions")
+    mock.wait_for("POST chat/completions")
     follower = gateway.chat("no answer", headers={"Idempotency-Key": "f-2"})
     leader.join()
     assert led[0].status_code == 502
@@ -285,9 +277,9 @@ def test_bookkeeping_waits_out_a_store_outage(outage_gateway: tuple[RunningGatew
         in_background(lambda: gateway.call("POST", "images/generations", json={
             "model": "flux-2", "prompt": "owned", "mock_delay_s": 0})),
     ]
-    wait_upstream(mock, "POST chat/completions", 2)
-    wait_upstream(mock, "POST videos/generations")
-    wait_upstream(mock, "POST images/generations")
+    mock.wait_for("POST chat/completions", 2)
+    mock.wait_for("POST videos/generations")
+    mock.wait_for("POST images/generations")
     outage.begin()
     for thread, _ in calls:
         thread.join()

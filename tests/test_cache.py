@@ -174,14 +174,13 @@ def test_a_dead_leader_replica_does_not_strand_followers(redis_server: RedisServ
     lost = threading.Thread(target=lambda: _quietly(lambda: httpx.post(
         f"{leader.url}/api/v1/chat/completions", json=CHAT, headers=headers, timeout=30)))
     lost.start()
-    time.sleep(0.5)
+    mock.wait_for("POST chat/completions")  # the leader holds the flight lock
+    leader.kill()  # ... and dies with it: the lock stays until it expires
     started = time.monotonic()
     follower: list[httpx.Response] = []
     waiting = threading.Thread(target=lambda: follower.append(httpx.post(
         f"{survivor.url}/api/v1/chat/completions", json=CHAT, headers=headers, timeout=30)))
     waiting.start()
-    time.sleep(0.5)
-    leader.kill()
     waiting.join(20)
     assert follower and follower[0].status_code == 200
     assert time.monotonic() - started < 15  # the lock lives timeout + 5 s, not forever
@@ -198,7 +197,7 @@ def test_cache_survives_a_restart_on_redis(redis_server: RedisServer, mock: Mock
     redis_server.cli("FLUSHALL")
     before = make_gateway(redis_server.url)
     first = post(before)
-    time.sleep(0.2)  # the entry is written after the answer
+    before.drain()  # the entry is written after the answer
     before.close()
     after = make_gateway(redis_server.url)
     again = post(after)
@@ -209,12 +208,12 @@ def test_cache_survives_a_restart_on_redis(redis_server: RedisServer, mock: Mock
 def test_admin_flush(gateway: RunningGateway, mock: Mock) -> None:
     post(gateway)
     post(gateway, team="marketing")
-    time.sleep(0.2)
+    gateway.drain()
     assert gateway.admin("DELETE", "cache?team=marketing").json() == {"removed": 1}
     assert post(gateway).headers["x-cache"] == "HIT"
     assert gateway.admin("DELETE", "cache?route=chat/completions").json() == {"removed": 1}
     assert post(gateway).headers["x-cache"] == "MISS"
-    time.sleep(0.2)
+    gateway.drain()
     assert gateway.admin("DELETE", "cache").json() == {"removed": 1}
     bad = gateway.admin("DELETE", "cache?route=nope")
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request"

@@ -592,9 +592,6 @@ async def _store_walk(store: ScriptStore) -> list[Verdict]:
                                   direct=_reserve("d1", 9_000)))  # once per ticket
     await store.heartbeat("proc", 1)
     await store.bump_config()
-    await store.processes()
-    await store.reservations("t")
-    await store.ledger("t")
     await store.budgets([("t", "m2026-11")])
     await store.try_lock("lock", "me", 1000)
     return verdicts

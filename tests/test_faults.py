@@ -73,6 +73,7 @@ class Load:
 def assert_consistent(gateway: RunningGateway) -> None:
     """No reservation stranded, the ledger adds up to the budget's counters, nothing partial was
     cached, and the gateway still answers."""
+    gateway.drain()
     deadline = time.monotonic() + 20
     while True:
         research = gateway.team()

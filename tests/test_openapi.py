@@ -200,11 +200,8 @@ def known(fuzz_gateway: RunningGateway) -> dict[str, str]:
     task = gateway.call("POST", "images/generations", json={"model": "flux-2", "prompt": "x"})
     assert task.status_code == 200, task.text
     assert gateway.chat("for the ledger").status_code == 200
-    entries: list[Any] = []
-    deadline = time.monotonic() + 5
-    while not entries and time.monotonic() < deadline:  # written just after the answer
-        time.sleep(0.02)
-        entries = gateway.admin("GET", "teams/research/ledger").json()["entries"]
+    gateway.drain()  # the ledger is written just after the answer
+    entries = gateway.admin("GET", "teams/research/ledger").json()["entries"]
     assert entries
     return {"team": "research", "key_id": "spare-key", "task_id": task.json()["id"],
             "after": entries[0]["id"]}
@@ -299,7 +296,6 @@ def test_answers_beyond_random_input(make_gateway: GatewayFactory, mock: Mock) -
     once = {"Idempotency-Key": "order-42"}
     created = conforms(gateway.call("POST", "videos/generations", headers=once,
                                     json={"model": "kling-3", "prompt": "waves"}))
-    time.sleep(0.2)  # the first answer is remembered just after it is sent
     replay = conforms(gateway.call("POST", "videos/generations", headers=once,
                                    json={"model": "kling-3", "prompt": "waves"}))
     assert replay.headers["idempotent-replayed"] == "true"
@@ -358,7 +354,7 @@ def test_limits_and_conflicts_conform(make_gateway: GatewayFactory, mock: Mock) 
     slow = threading.Thread(target=lambda: first.append(gateway.call(
         "POST", "images/generations", headers=key, json={"model": "flux-2"})))
     slow.start()
-    time.sleep(0.3)
+    mock.wait_for("POST images/generations")
     busy = conforms(gateway.call("POST", "images/generations", headers=key,
                                  json={"model": "flux-2"}))
     slow.join()
