@@ -104,7 +104,7 @@ def _multiprocess_metrics_dir() -> None:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    if not cfg._NAME.match(args.team):
+    if not cfg._NAME.fullmatch(args.team):
         print("keys: --team uses letters, digits, '_', '.', '-'", file=sys.stderr)
         return 2
     key = new_key()

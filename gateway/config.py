@@ -21,8 +21,8 @@ import yaml
 
 Period = Literal["day", "week", "month", "total"]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # patterns are used with fullmatch
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -216,7 +216,9 @@ def _interpolate(value: Any, env: Mapping[str, str], path: str) -> Any:
 
 
 def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
+    """`path.key`; a key with a control character is quoted, so the message stays one line."""
+    name = key if isinstance(key, str) and key.isprintable() else repr(key)
+    return f"{path}.{name}" if path else str(name)
 
 
 def _build(cls: type[Any], raw: Any, path: str) -> Any:
@@ -278,7 +280,7 @@ def _scalar(hint: Any, value: Any, path: str, meta: Mapping[str, Any]) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {_kind(value)}")
         pattern = meta.get("pattern")
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):
             if meta.get("hint"):
                 raise ConfigError(f"{path}: must be {meta['hint']}")
             raise ConfigError(f"{path}: {_show(value, meta)} is not a valid value")
@@ -328,8 +330,9 @@ def _validate(config: Config) -> None:
                                         "redis+cluster://", "rediss+cluster://")):
         raise ConfigError(f"store.url: unsupported scheme in {config.store.url.split('://')[0]!r}")
     for name in config.teams:
-        if not _NAME.match(name):
-            raise ConfigError(f"teams.{name}: team names use letters, digits, '_', '.', '-'")
+        if not _NAME.fullmatch(name):
+            raise ConfigError(f"{_join('teams', name)}: team names use letters, digits, '_', "
+                              "'.', '-'")
     rpm = config.upstream.requests_per_minute
     if rpm is not None and config.upstream.burst > rpm:
         raise ConfigError("upstream.burst: must not exceed upstream.requests_per_minute")

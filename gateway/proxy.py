@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import orjson
 
-from . import routes
+from . import inbound, routes
 from .asgi import (
     ClientDisconnected,
     Headers,
@@ -150,6 +150,7 @@ class Proxy:
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send, ex: Exchange,
                       path: str) -> Reply | None:
+        inbound.check(scope)
         policy = self.rt.policy
         if ex.method not in METHODS:
             raise MethodNotAllowed(f"Method {ex.method} is not supported.")

@@ -127,6 +127,24 @@ def test_bad_config_names_the_field(text: str, message: str) -> None:
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"teams": {"research\n": {}}},
+     "teams.'research\\n': team names use letters, digits, '_', '.', '-'"),
+    ({"teams": {"research": {"keys": [{"id": "laptop\n", "sha256": SHA_A}]}}},
+     "teams.research.keys[0].id: 'laptop\\n' is not a valid value"),
+    ({"teams": {"research": {"keys": [{"id": "laptop", "sha256": SHA_A + "\n"}]}}},
+     "teams.research.keys[0].sha256: must be 64 lowercase hex characters: the sha256 of the key, "
+     "not the key itself"),
+    ({"store": {"key_prefix": "aio\n"}}, "store.key_prefix: 'aio\\n' is not a valid value"),
+], ids=["team", "key-id", "sha256", "key-prefix"])
+def test_a_trailing_newline_is_not_a_valid_name(raw: dict[str, object], message: str) -> None:
+    """Regression (issue 12, defect 3): `$` matched before a trailing newline."""
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.from_dict(raw)
+    assert str(info.value) == message
+    assert "\n" not in str(info.value)
+
+
 def test_secret_values_never_appear_in_errors() -> None:
     with pytest.raises(cfg.ConfigError) as info:
         parse("teams: {research: {keys: [{id: a, sha256: not-a-hash-but-a-secret}]}}")

@@ -1,0 +1,229 @@
+"""Hostile input over a running gateway (issue 12).
+
+Every case goes, as raw bytes, to a real gateway (uvicorn with the gateway's HTTP protocol,
+memory:// and Redis) in front of the mock upstream. Each must be answered 4xx in the error shape,
+or the connection closed where HTTP says so, and leave no trace: nothing forwarded to the mock
+upstream, no traceback or error in the logs, the team's quota and budget as they were (a probe
+request afterwards is the day's first: `"day";r=99`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from .conftest import KEYS, GatewayFactory, Mock, RunningGateway, team_config
+
+KEY = KEYS["research"]
+CHAT = b'{"model": "gemini", "messages": [{"role": "user", "content": "hi"}]}'
+CONTROLS = [*range(0x00, 0x20), 0x7F]
+
+
+# -- a raw HTTP/1.1 client ---------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    """One HTTP answer as read off the socket; status 0: the connection closed without one."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    def error(self) -> dict[str, Any]:
+        """The error object, after checking the upstream's error shape."""
+        assert self.headers.get("content-type") == "application/json", self
+        data = json.loads(self.body)
+        assert set(data) == {"error"} and set(data["error"]) == {"code", "message", "type"}, data
+        assert data["error"]["code"] == self.status, data
+        return data["error"]  # type: ignore[no-any-return]
+
+
+class Raw:
+    """A socket to the gateway: bytes go out exactly as given, answers are read one by one."""
+
+    def __init__(self, port: int, timeout: float = 20.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buffer = b""
+        self.eof = False
+
+    def __enter__(self) -> Raw:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        if self.eof:
+            return False
+        try:
+            chunk = self.sock.recv(65536)
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            self.eof = True
+            return False
+        self.buffer += chunk
+        return True
+
+    def answer(self) -> Answer:
+        while b"\r\n\r\n" not in self.buffer:
+            if not self._fill():
+                assert not self.buffer, f"a partial answer: {self.buffer[:200]!r}"
+                return Answer(0)
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers: dict[str, str] = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            assert name.lower() not in headers, f"{name} twice in {head!r}"
+            headers[name.lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(self.buffer) < length and self._fill():
+            pass
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return Answer(int(status_line.split(" ")[1]), headers, body)
+
+    def closed(self) -> bool:
+        """True once the gateway has closed the connection (and sent nothing more)."""
+        while self._fill():
+            pass
+        return not self.buffer
+
+
+def request(method: str, target: str, *headers: str, body: bytes | None = None,
+            key: str = KEY) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: gateway"]
+    if key:
+        lines.append(f"Authorization: Bearer {key}")
+    lines += headers
+    if body is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + (body or b"")
+
+
+# -- the gateway under attack ------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    gateway: RunningGateway
+    mock: Mock
+    caplog: pytest.LogCaptureFixture
+
+    @property
+    def port(self) -> int:
+        return self.gateway.server.port
+
+    def send(self, data: bytes) -> Answer:
+        """One request on its own connection; its answer (status 0: closed without one)."""
+        with Raw(self.port) as conn:
+            conn.send(data)
+            return conn.answer()
+
+    def refused(self, data: bytes, status: int = 400, kind: str = "invalid_request") -> Answer:
+        answer = self.send(data)
+        assert answer.status == status, (data[:120], answer)
+        assert answer.error()["type"] == kind, answer
+        assert answer.headers.get("x-request-id"), answer
+        return answer
+
+    def wait_idle(self) -> None:
+        """Until no request is in flight in the gateway (a cut connection ends in its time)."""
+        deadline = time.monotonic() + 20
+        while "gateway_inflight_requests 0.0" not in self.gateway.metrics():
+            assert time.monotonic() < deadline, "a request is still in flight"
+            time.sleep(0.02)
+
+    def assert_untouched(self) -> None:
+        """Nothing forwarded, nothing logged as an error, quota and budget untouched."""
+        self.wait_idle()
+        assert self.mock.upstream_calls() == 0, self.mock.requests()
+        problems = [f"{r.name} {r.levelname} {r.getMessage()} {getattr(r, 'fields', '')}"
+                    for r in self.caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+        assert not problems, problems
+        row = self.gateway.team("research")
+        assert (row["spent"], row["reserved"]) == (0, 0), row
+        probe = self.gateway.chat("probe")
+        assert probe.status_code == 200, probe.text
+        assert '"day";r=99;' in probe.headers["ratelimit"], probe.headers["ratelimit"]
+
+
+@pytest.fixture
+def target(make_gateway: GatewayFactory, store_url: str, mock: Mock,
+           caplog: pytest.LogCaptureFixture) -> Iterator[Target]:
+    caplog.set_level(logging.INFO)
+    teams = {
+        "research": team_config("research", requests_per_day=100, models=["gemini", "flux-2"],
+                                budget={"credits": 1000, "period": "month"}),
+        "marketing": team_config("marketing"),
+    }
+    yield Target(make_gateway(store_url, teams=teams), mock, caplog)
+
+
+# -- control characters: path, query, header values; raw and percent-encoded -----------------
+
+
+def outcome(answer: Answer) -> tuple[int, str]:
+    """(status, error type), or (status, the start of the body) for what is not an error."""
+    if answer.status >= 400 and answer.headers.get("content-type") == "application/json":
+        return answer.status, answer.error()["type"]
+    return answer.status, answer.body[:80].decode("latin-1")
+
+
+def _name(byte: int) -> str:
+    return f"0x{byte:02x}"
+
+
+CONTROL_PLACES = {
+    "path-raw": lambda c: request("GET", f"/api/v1/tasks/task{chr(c)}x"),
+    "path-encoded": lambda c: request("GET", f"/api/v1/tasks/task%{c:02X}x"),
+    "path-encoded-end": lambda c: request("POST", f"/api/v1/chat/completions%{c:02X}",
+                                          body=CHAT),
+    "query-raw": lambda c: request("POST", f"/api/v1/chat/completions?q=a{chr(c)}b", body=CHAT),
+    "query-encoded": lambda c: request("POST", f"/api/v1/chat/completions?q=a%{c:02x}b",
+                                       body=CHAT),
+    "header-raw": lambda c: request("POST", "/api/v1/chat/completions", f"X-Note: a{chr(c)}b",
+                                    body=CHAT),
+}
+
+
+@pytest.mark.parametrize("place", sorted(CONTROL_PLACES))
+def test_control_characters_are_refused_before_anything_else(target: Target, place: str) -> None:
+    """Every byte 0x00-0x1f and 0x7f: 400 invalid_request in the error shape (from the gateway,
+    or from its HTTP parser for what it cannot parse), never a 500, never forwarded or counted.
+    HTAB is allowed in header values (RFC 9110, 5.5); see the test below."""
+    outcomes = {}
+    for byte in CONTROLS:
+        if place == "header-raw" and byte == 0x09:
+            continue
+        outcomes[_name(byte)] = outcome(target.send(CONTROL_PLACES[place](byte)))
+    wrong = {b: o for b, o in outcomes.items() if o != (400, "invalid_request")}
+    assert not wrong, wrong
+    target.assert_untouched()
+
+
+def test_newline_at_the_end_of_a_path_is_not_a_500(target: Target) -> None:
+    """Regression (issue 12, defect 3): `$` matched before the newline of `%0A`, so the path
+    passed as safe, and the upstream URL could not be built: 500, a traceback, a counted quota."""
+    for path in ("chat/completions%0A", "models%0A", "tasks/task_1%0A", "chat/completions%0D%0A"):
+        answer = target.refused(request("POST", f"/api/v1/{path}", body=CHAT))
+        assert "control characters" in answer.error()["message"].lower()
+    target.assert_untouched()
+
+
+def test_tab_in_a_header_value_is_allowed(target: Target) -> None:
+    """RFC 9110 (5.5) allows HTAB inside a field value; such a header is not an attack."""
+    answer = target.send(request("POST", "/api/v1/chat/completions", "X-Note: a\tb", body=CHAT))
+    assert answer.status == 200, answer
+    assert target.mock.requests()[-1]["headers"].get("x-note") == "a\tb"
