@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ClientDisconnected as ClientDisconnected  # raised by read_body
 from .errors import GatewayError, RequestTooLarge
 
 Scope = MutableMapping[str, Any]
@@ -25,11 +26,14 @@ class Reply:
     body: bytes = b""
 
 
-class ClientDisconnected(Exception):
-    """The client went away before its request body arrived."""
-
-
 async def read_body(receive: Receive, limit: int) -> bytes:
+    """The whole request body, at most `limit` bytes.
+
+    A client that goes away mid-body: uvicorn (httptools) notices the closed connection and
+    answers the next `receive()` with `http.disconnect`, whatever part of the body it had. That
+    raises `ClientDisconnected`, a `GatewayError` (499), so that whoever answers errors counts
+    it as the client's doing, not as a defect of the gateway.
+    """
     chunks: list[bytes] = []
     size = 0
     while True:

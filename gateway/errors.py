@@ -12,7 +12,8 @@
     ├── RequestTooLarge           413 request_too_large
     ├── RateLimited               429 rate_limit (team quota, or the upstream allowance)
     ├── UpstreamUnavailable       502 / 503 / 504 upstream_unavailable
-    └── StoreUnavailable          503 store_unavailable
+    ├── StoreUnavailable          503 store_unavailable
+    └── ClientDisconnected        499 (the client went away: counted, never sent)
 
 Messages are written for the team's developers and never carry secrets or internal detail.
 """
@@ -124,3 +125,16 @@ class StoreUnavailable(GatewayError):
 
     def __init__(self, message: str = "The gateway's store is unreachable; retry shortly.") -> None:
         super().__init__(message, headers={"Retry-After": "1"})
+
+
+class ClientDisconnected(GatewayError):
+    """The client went away before its request was read: nginx's 499, for metrics and logs.
+
+    A `GatewayError` rather than a bare exception, so that every handler that answers errors
+    counts it as what it is (there is nobody left to send the answer to)."""
+
+    status = 499
+    type = "client_closed_request"
+
+    def __init__(self) -> None:
+        super().__init__("The client closed the connection before its request was read.")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,12 +139,16 @@ class Target:
         assert answer.headers.get("x-request-id"), answer
         return answer
 
+    def wait_until(self, condition: Callable[[], bool], what: str = "the condition") -> None:
+        deadline = time.monotonic() + 20
+        while not condition():
+            assert time.monotonic() < deadline, f"{what} did not happen"
+            time.sleep(0.02)
+
     def wait_idle(self) -> None:
         """Until no request is in flight in the gateway (a cut connection ends in its time)."""
-        deadline = time.monotonic() + 20
-        while "gateway_inflight_requests 0.0" not in self.gateway.metrics():
-            assert time.monotonic() < deadline, "a request is still in flight"
-            time.sleep(0.02)
+        self.wait_until(lambda: "gateway_inflight_requests 0.0" in self.gateway.metrics(),
+                        "the end of every request")
 
     def assert_untouched(self) -> None:
         """Nothing forwarded, nothing logged as an error, quota and budget untouched."""
@@ -227,3 +232,25 @@ def test_tab_in_a_header_value_is_allowed(target: Target) -> None:
     answer = target.send(request("POST", "/api/v1/chat/completions", "X-Note: a\tb", body=CHAT))
     assert answer.status == 200, answer
     assert target.mock.requests()[-1]["headers"].get("x-note") == "a\tb"
+
+
+# -- a client that goes away mid-upload ----------------------------------------------------------
+
+
+def test_client_gone_mid_upload_is_a_499(target: Target) -> None:
+    """Regression (issue 12, defect 5): uvicorn gives the app `http.disconnect` when the client
+    closes in the middle of the body; that was logged as an unexpected error and counted 500."""
+    body = b'{"model": "gemini", "messages": [{"role": "user", "content": "' + b"x" * 5000
+    head = request("POST", "/api/v1/chat/completions", body=b"")
+    head = head.replace(b"Content-Length: 0", f"Content-Length: {len(body) + 1000}".encode())
+    with Raw(target.port) as conn:
+        conn.send(head + body[: len(body) // 2])
+        target.wait_until(lambda: "gateway_inflight_requests 1.0" in target.gateway.metrics())
+    target.wait_idle()
+    metrics = target.gateway.metrics()
+    assert re.search(r'gateway_requests_total\{[^}]*status="499"[^}]*\} 1\.0', metrics), metrics
+    assert 'status="500"' not in metrics
+    access = [getattr(r, "fields", {}) for r in target.caplog.records
+              if r.name == "gateway.access"]
+    assert [a["status"] for a in access] == [499], access
+    target.assert_untouched()
