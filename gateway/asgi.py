@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,10 +50,33 @@ async def read_body(receive: Receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-async def send_reply(send: Send, reply: Reply) -> None:
-    headers = [*reply.headers, (b"content-length", str(len(reply.body)).encode())]
+async def send_reply(send: Send, reply: Reply, *, head: bool = False) -> None:
+    """Send a whole answer, framed by `Content-Length`, except where HTTP says otherwise
+    (RFC 9110, 8.6 and 9.3.2): none on a 1xx, 204 or 304; on an answer to HEAD (`head`) that
+    has no body, only the length the reply carries (`head_length`: the upstream's), as a
+    gateway-made answer to HEAD keeps its body's length, the one its GET would have had."""
+    headers = reply.headers
+    bodiless = reply.status < 200 or reply.status in (204, 304) or (head and not reply.body)
+    if not bodiless:
+        headers = [*headers, (b"content-length", str(len(reply.body)).encode())]
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     await send({"type": "http.response.body", "body": reply.body})
+
+
+_LENGTH = re.compile(rb"[0-9]{1,18}")
+
+
+def head_length(status: int, upstream: Headers) -> Headers:
+    """The `Content-Length` of the upstream's answer to a HEAD, the length its GET would have
+    had, when it is a plain number for a status that has a body, and that body was not
+    content-encoded (the gateway's GET decodes it, so its length would differ); else none."""
+    if status < 200 or status in (204, 304):
+        return []
+    lengths = [v for k, v in upstream if k.lower() == b"content-length"]
+    if len(lengths) != 1 or not _LENGTH.fullmatch(lengths[0].strip()) or any(
+            k.lower() == b"content-encoding" for k, _ in upstream):
+        return []
+    return [(b"content-length", lengths[0].strip())]
 
 
 def error_reply(exc: GatewayError) -> Reply:

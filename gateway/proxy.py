@@ -26,6 +26,7 @@ from .asgi import (
     Scope,
     Send,
     error_reply,
+    head_length,
     read_body,
     request_id_of,
     send_reply,
@@ -141,7 +142,7 @@ class Proxy:
                 reply = error_reply(GatewayError("The gateway failed to answer this request."))
             if reply is not None:
                 ex.status = reply.status
-                await send_reply(send, self._decorate(reply, ex))
+                await send_reply(send, self._decorate(reply, ex), head=ex.method == "HEAD")
         except ClientDisconnected:
             ex.status = 499
         finally:
@@ -664,6 +665,8 @@ def _answer_headers(response: httpx.Response) -> Headers:
                if k != b"retry-after" or status in (429, 503)]
     if status == 429 and not any(k == b"retry-after" for k, _ in headers):
         headers.append((b"retry-after", b"1"))  # the contract promises one on every 429
+    if response.request.method == "HEAD":
+        headers += head_length(status, response.headers.raw)
     for i, (name, value) in enumerate(headers):
         if name == b"cache-control":
             if not any(word in value.lower() for word in _STRICT_CACHE_CONTROL):
