@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from . import admin, logs, openapi
 from . import config as cfg
-from .asgi import Receive, RequestIdMiddleware, Scope, Send
+from .asgi import Receive, RequestIdMiddleware, Scope, Send, with_body_timeout
 from .budget import period_id
 from .errors import GatewayError, MethodNotAllowed, NotFound, error_body
 from .metrics import CONTENT_TYPE, Metrics
@@ -44,7 +44,8 @@ class Gateway:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(PREFIX):
-            await self.proxy(scope, receive, send)
+            idle_s = self.runtime.policy.config.listen.body_timeout_s
+            await self.proxy(scope, with_body_timeout(receive, idle_s), send)
         else:
             await self.site(scope, receive, send)
 

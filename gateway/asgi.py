@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ClientDisconnected as ClientDisconnected  # raised by read_body
-from .errors import GatewayError, RequestTooLarge
+from .errors import GatewayError, RequestTimeout, RequestTooLarge
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -48,6 +49,29 @@ async def read_body(receive: Receive, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def with_body_timeout(receive: Receive, idle_s: float) -> Receive:
+    """`receive` for one request, bounded while its body arrives: `RequestTimeout` (408, and
+    the connection closes) when no part of it comes for `idle_s` (as nginx's
+    client_body_timeout); once the body is whole, unbounded (the proxy then waits on it for the
+    client's disconnect, for as long as a stream lasts)."""
+    whole = False
+
+    async def receive_body() -> Message:
+        nonlocal whole
+        if whole:
+            return await receive()
+        try:
+            async with asyncio.timeout(idle_s):
+                message = await receive()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"No part of the request body arrived for {idle_s:g} seconds.") from None
+        whole = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    return receive_body
 
 
 async def send_reply(send: Send, reply: Reply, *, head: bool = False) -> None:

@@ -54,6 +54,8 @@ class Listen:
     max_body_bytes: int = field(default=25 * 1024 * 1024,
                                 metadata=_check(minimum=1, maximum=MANY))
     shutdown_grace_s: float = field(default=30.0, metadata=_check(minimum=0, maximum=DAY_S))
+    head_timeout_s: float = field(default=10.0, metadata=_check(above=0, maximum=DAY_S))
+    body_timeout_s: float = field(default=30.0, metadata=_check(above=0, maximum=DAY_S))
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,8 @@
     GatewayError                  {"error": {"code", "message", "type"}}
     ├── InvalidRequest            400 invalid_request (bad JSON, missing model, bad header)
     │   ├── IdempotencyConflict   409 invalid_request (same Idempotency-Key still in flight)
-    │   └── IdempotencyMismatch   422 invalid_request (same Idempotency-Key, other body)
+    │   ├── IdempotencyMismatch   422 invalid_request (same Idempotency-Key, other body)
+    │   └── RequestTimeout        408 invalid_request (the body stalled; the connection closes)
     ├── MethodNotAllowed          405 invalid_request
     ├── AuthenticationError       401 authentication_error
     ├── InsufficientCredits       402 insufficient_credits (team budget spent)
@@ -65,6 +66,13 @@ class IdempotencyConflict(InvalidRequest):
 class IdempotencyMismatch(InvalidRequest):
     status = 422
     reason = "idempotency"
+
+
+class RequestTimeout(InvalidRequest):
+    status = 408
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
 
 
 class MethodNotAllowed(InvalidRequest):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import select
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,15 @@ from typing import Any
 
 import pytest
 
-from .conftest import KEYS, GatewayFactory, Mock, RunningGateway, team_config
+from .conftest import (
+    KEYS,
+    GatewayFactory,
+    GatewayProcess,
+    Mock,
+    RunningGateway,
+    base_config,
+    team_config,
+)
 
 KEY = KEYS["research"]
 CHAT = b'{"model": "gemini", "messages": [{"role": "user", "content": "hi"}]}'
@@ -173,7 +182,8 @@ def target(make_gateway: GatewayFactory, store_url: str, mock: Mock,
                                 budget={"credits": 1000, "period": "month"}),
         "marketing": team_config("marketing"),
     }
-    yield Target(make_gateway(store_url, teams=teams), mock, caplog)
+    gateway = make_gateway(store_url, teams=teams, listen={"body_timeout_s": 1})
+    yield Target(gateway, mock, caplog)
 
 
 # -- control characters: path, query, header values; raw and percent-encoded -----------------
@@ -253,4 +263,52 @@ def test_client_gone_mid_upload_is_a_499(target: Target) -> None:
     access = [getattr(r, "fields", {}) for r in target.caplog.records
               if r.name == "gateway.access"]
     assert [a["status"] for a in access] == [499], access
+    target.assert_untouched()
+
+
+# -- slow clients: a head or a body that never ends ----------------------------------------------
+
+
+def test_slow_loris_head_is_cut_off(gateway_process: Callable[..., GatewayProcess],
+                                    mock: Mock) -> None:
+    """A head sent a byte at a time: uvicorn has no bound on it (its keep-alive timeout starts
+    after an answer, and the first byte stops it). `listen.head_timeout_s` cuts it: 408 in the
+    error shape, then the connection closes, long before the head could end."""
+    gateway = gateway_process(base_config(mock.api_url, listen={"head_timeout_s": 1}))
+    head = request("GET", "/api/v1/tasks/task_x", "X-Drip: " + "x" * 400)
+    with Raw(gateway.port, timeout=30) as conn:
+        for sent in range(len(head)):  # a byte every 0.1 s, until the gateway says something
+            conn.send(head[sent:sent + 1])
+            if select.select([conn.sock], [], [], 0.1)[0]:
+                break
+        answer = conn.answer()
+        assert conn.closed()
+    assert sent < len(head), "the gateway waited for the whole slow head"
+    assert answer.status == 408 and answer.error()["type"] == "invalid_request", answer
+    assert mock.upstream_calls() == 0
+
+
+def test_a_connection_that_sends_nothing_is_closed(
+        gateway_process: Callable[..., GatewayProcess], mock: Mock) -> None:
+    """No request at all, or none after an answer: closed without a word (an unasked-for 408
+    would be read by a pooling client as the answer to its next request)."""
+    gateway = gateway_process(base_config(mock.api_url, listen={"head_timeout_s": 1}))
+    with Raw(gateway.port, timeout=30) as conn:
+        assert conn.closed()
+    with Raw(gateway.port, timeout=30) as conn:
+        conn.send(request("GET", "/healthz", key=""))
+        assert conn.answer().status == 200
+        assert conn.closed()
+
+
+def test_a_body_that_stalls_is_408(target: Target) -> None:
+    """Content-Length larger than the body sent, and the client waits: without a bound the
+    gateway would wait for ever; `listen.body_timeout_s` answers 408 and closes."""
+    data = request("POST", "/api/v1/chat/completions", body=CHAT)
+    with Raw(target.port) as conn:
+        conn.send(data.replace(f"Content-Length: {len(CHAT)}".encode(),
+                               f"Content-Length: {len(CHAT) + 10}".encode()))
+        answer = conn.answer()
+        assert conn.closed()
+    assert answer.status == 408 and answer.error()["type"] == "invalid_request", answer
     target.assert_untouched()
