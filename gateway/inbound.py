@@ -1,26 +1,40 @@
-"""The first check of every proxied request: no control characters where text is expected.
+"""What the gateway accepts from a client, checked once, before anything else is done with it.
 
-A control character in a path, a query string or a header value is never part of a legitimate
-call to the API, and each one is a way to smuggle something past a check written for text:
-Python's `$` matches before a trailing newline, a NUL ends a C string, CR and LF split a header
-or a log line. uvicorn's parser (httptools) refuses some of them in raw form (CR, LF and NUL in a
-header, most of them raw in the URL) but passes others, and it decodes `%0A` in the path into a
-real newline. So the gateway refuses them all, raw or percent-encoded, with 400
-`invalid_request`, before it authenticates, counts, reads the body or forwards anything.
+`check(scope)`, first for every proxied request: no control characters where text is expected,
+and no second copy of a header that must be one. A control character in a path, a query
+string or a header value is never part of a legitimate call to the API, and each one is a way
+to smuggle something past a check written for text: Python's `$` matches before a trailing
+newline, a NUL ends a C string, CR and LF split a header or a log line. uvicorn's parser
+(httptools) refuses some of them in raw form (CR, LF and NUL in a header, most of them raw in
+the URL) but passes others, and it decodes `%0A` in the path into a real newline. So the gateway
+refuses them all, raw or percent-encoded, with 400 `invalid_request`, before it authenticates,
+counts, reads the body or forwards anything. Controls are C0 (0x00-0x1f) and DEL (0x7f). In
+header values, horizontal tab (0x09) is allowed: RFC 9110 (5.5) lets a field value hold HTAB
+between its characters, as it does a space, and the headers the gateway interprets refuse it
+where it does not belong (a Bearer token, an `Idempotency-Key`, an `X-Request-ID`).
 
-Controls are C0 (0x00-0x1f) and DEL (0x7f). In header values, horizontal tab (0x09) is allowed:
-RFC 9110 (5.5) lets a field value hold HTAB between its characters, as it does a space, and the
-headers the gateway interprets refuse it where it does not belong (a Bearer token, an
-`Idempotency-Key`, an `X-Request-ID`).
+`json_object(body, content_type)`: the body of a POST, a JSON object the gateway can pass on
+exactly: orjson reads nesting up to 1023 levels but writes only 254 (the canonical form the
+cache key and the forwarded body are made of), and reads an integer beyond 64 bits as an
+inexact float; so nesting is bounded at `MAX_JSON_DEPTH` and numbers at 2**64 in magnitude.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import unquote_to_bytes
+
+import orjson
 
 from .asgi import Headers, Scope
 from .errors import InvalidRequest
+
+MAX_JSON_DEPTH = 64
+_EXACT = 2.0**64
+_JSON_TYPES = (b"application/json", b"application/x-www-form-urlencoded", b"text/plain")
+# fields that must appear once (RFC 9110 5.3): with two, which one counts depends on the reader
+_SINGLETONS = frozenset({b"authorization", b"content-type", b"idempotency-key", b"x-request-id"})
 
 _CONTROL_TEXT = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
@@ -42,10 +56,57 @@ def control_character_in(path: str, query: bytes, headers: Headers) -> str | Non
     return None
 
 
+def repeated_singleton(headers: Headers) -> bytes | None:
+    """The name of a header that must appear once and appears more often, if any."""
+    seen = [name for name, _ in headers if name in _SINGLETONS]
+    if len(seen) == len(set(seen)):
+        return None
+    return next(name for name in seen if seen.count(name) > 1)
+
+
 def check(scope: Scope) -> None:
-    """Raise `InvalidRequest` (400) when the request carries a control character."""
-    where = control_character_in(scope["path"], scope["query_string"], scope["headers"])
+    """Raise `InvalidRequest` (400) for a control character, or a repeated singleton header."""
+    headers = scope["headers"]
+    where = control_character_in(scope["path"], scope["query_string"], headers)
     if where is not None:
         names = {"path": "path", "query": "query string", "header": "header values"}
         raise InvalidRequest(
             f"Control characters are not allowed in the request's {names[where]}.")
+    twice = repeated_singleton(headers)
+    if twice is not None:
+        raise InvalidRequest(f"The {twice.decode().title()} header may appear only once.")
+
+
+def json_object(body: bytes, content_type: bytes | None) -> dict[str, Any]:
+    """The request body as a JSON object; `InvalidRequest` (400, or 415 for another media
+    type) when it is not one the gateway can check and pass on exactly."""
+    if content_type is not None:
+        media = content_type.split(b";", 1)[0].strip().lower()
+        if media not in _JSON_TYPES and not media.endswith(b"+json"):
+            raise InvalidRequest("The request body must be JSON (Content-Type: application/json).",
+                                 status=415)
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("The request body is not valid JSON.") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    _check_tree(payload)
+    return payload
+
+
+def _check_tree(payload: dict[str, Any]) -> None:
+    """Walk the document once (without recursion: it may be 1023 levels deep)."""
+    stack: list[tuple[Any, int]] = [(payload, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequest(
+                f"The request body nests more than {MAX_JSON_DEPTH} levels of JSON.")
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+            elif isinstance(child, float) and not -_EXACT < child < _EXACT:
+                raise InvalidRequest(
+                    "The request body holds a number of magnitude 2**64 or more, which the "
+                    "gateway cannot pass on exactly.")

@@ -70,7 +70,6 @@ from .upstream import request_headers, response_headers
 
 PREFIX = "/api/v1/"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-_JSON_TYPES = (b"application/json", b"application/x-www-form-urlencoded", b"text/plain")
 _STRICT_CACHE_CONTROL = (b"no-store", b"no-cache", b"private")
 _FOLLOW_ATTEMPTS = 3
 
@@ -206,7 +205,7 @@ class Proxy:
         payload: dict[str, Any] | None = None
         canonical = b""
         if method == "POST":
-            payload = _json_object(body, head.content_type)
+            payload = inbound.json_object(body, head.content_type)
             model = payload.get("model")
             if not isinstance(model, str) or not model:
                 raise InvalidRequest("The request body must carry a 'model' string.")
@@ -640,21 +639,6 @@ class _Head:
                 self.cache_control = value
             elif name == b"idempotency-key":
                 self.idempotency_key = value.strip()
-
-
-def _json_object(body: bytes, content_type: bytes | None) -> dict[str, Any]:
-    if content_type is not None:
-        media = content_type.split(b";", 1)[0].strip().lower()
-        if media not in _JSON_TYPES and not media.endswith(b"+json"):
-            raise InvalidRequest("The request body must be JSON (Content-Type: application/json).",
-                                 status=415)
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("The request body is not valid JSON.") from None
-    if not isinstance(payload, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    return payload
 
 
 def _answer_headers(response: httpx.Response) -> Headers:

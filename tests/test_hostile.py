@@ -182,7 +182,8 @@ def target(make_gateway: GatewayFactory, store_url: str, mock: Mock,
                                 budget={"credits": 1000, "period": "month"}),
         "marketing": team_config("marketing"),
     }
-    gateway = make_gateway(store_url, teams=teams, listen={"body_timeout_s": 1})
+    gateway = make_gateway(store_url, teams=teams,
+                           listen={"body_timeout_s": 1, "max_body_bytes": SMALL_LIMIT})
     yield Target(gateway, mock, caplog)
 
 
@@ -311,4 +312,225 @@ def test_a_body_that_stalls_is_408(target: Target) -> None:
         answer = conn.answer()
         assert conn.closed()
     assert answer.status == 408 and answer.error()["type"] == "invalid_request", answer
+    target.assert_untouched()
+
+
+# -- tables of hostile requests ------------------------------------------------------------------
+
+
+def raw(method: str, target: str, *lines: bytes | str, body: bytes = b"") -> bytes:
+    """A request exactly as given: no header added but Host."""
+    head = [f"{method} {target} HTTP/1.1".encode(), b"Host: gateway"]
+    head += [line.encode("latin-1") if isinstance(line, str) else line for line in lines]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+def chat(*lines: bytes | str, body: bytes = CHAT, length: int | None = None) -> bytes:
+    """A chat completion with a valid key and these header lines and body."""
+    size = len(body) if length is None else length
+    return raw("POST", "/api/v1/chat/completions", f"Authorization: Bearer {KEY}",
+               "Content-Type: application/json", f"Content-Length: {size}", *lines, body=body)
+
+
+def chat_as(authorization: bytes | str | None) -> bytes:
+    lines = [] if authorization is None else [b"Authorization: " + (
+        authorization.encode("latin-1") if isinstance(authorization, str) else authorization)]
+    return raw("POST", "/api/v1/chat/completions", *lines, "Content-Type: application/json",
+               f"Content-Length: {len(CHAT)}", body=CHAT)
+
+
+def nested(depth: int) -> bytes:
+    return b'{"model": "gemini", "x": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+def with_number(number: str) -> bytes:
+    return b'{"model": "gemini", "seed": ' + number.encode() + b"}"
+
+
+def run_table(target: Target, table: dict[str, tuple[bytes, int, str]]) -> None:
+    """Each request on its own connection: the expected (status, error type) for every one."""
+    seen = {name: outcome(target.send(data)) for name, (data, _, _) in table.items()}
+    wrong = [f"{name}: got {seen[name]}, expected {(status, kind)}"
+             for name, (_, status, kind) in table.items() if seen[name] != (status, kind)]
+    assert not wrong, "\n".join(wrong)
+
+
+AUTH = "authentication_error"
+INVALID = "invalid_request"
+
+AUTHORIZATION = {
+    "none": (chat_as(None), 401, AUTH),
+    "empty": (chat_as(""), 401, AUTH),
+    "no-scheme": (chat_as(KEY), 401, AUTH),
+    "scheme-only": (chat_as("Bearer"), 401, AUTH),
+    "other-scheme": (chat_as("Basic " + KEY), 401, AUTH),
+    "token-and-more": (chat_as(f"Bearer {KEY} {KEY}"), 401, AUTH),
+    "comma": (chat_as(f"Bearer {KEY},"), 401, AUTH),
+    "30-kb-token": (chat_as("Bearer " + "k" * 30_000), 401, AUTH),
+    "100-kb-token": (chat_as("Bearer " + "k" * 100_000), 431, INVALID),
+    "utf-8-token": (chat_as("Bearer ключ".encode()), 401, AUTH),
+    "latin-1-token": (chat_as(b"Bearer \xff\xfe" + KEY.encode()), 401, AUTH),
+    "upstream-scheme-with-key-prefix": (chat_as(f"Bearer  Bearer {KEY}"), 401, AUTH),
+    "two-headers": (raw("POST", "/api/v1/chat/completions", "Authorization: Bearer nope",
+                        f"Authorization: Bearer {KEY}", "Content-Type: application/json",
+                        f"Content-Length: {len(CHAT)}", body=CHAT), 400, INVALID),
+}
+
+
+def test_malformed_authorization(target: Target) -> None:
+    """Every malformed credential is the same 401 (or 431 beyond the 32 KiB head limit); two
+    Authorization headers (a singleton field, RFC 9110 11.6.2) are 400: which one counts would
+    depend on who reads them."""
+    run_table(target, AUTHORIZATION)
+    target.assert_untouched()
+
+
+def test_bearer_with_two_spaces_is_a_valid_credential(target: Target) -> None:
+    """RFC 9110 (11.4): credentials = auth-scheme [ 1*SP token68 ]: more than one space is
+    allowed, so `Bearer  <key>` is the team's key, not an attack."""
+    assert target.send(chat_as(f"Bearer  {KEY}")).status == 200
+
+
+BODIES = {
+    "not-utf-8": (chat(body=b'{"model": "gemini", "x": "\xff\xfe"}'), 400, INVALID),
+    "utf-16": (chat(body='{"model": "gemini"}'.encode("utf-16")), 400, INVALID),
+    "utf-8-bom": (chat(body=b"\xef\xbb\xbf" + CHAT), 400, INVALID),
+    "lone-surrogate": (chat(body=b'{"model": "gemini", "x": "\\ud800"}'), 400, INVALID),
+    "nan": (chat(body=b'{"model": "gemini", "x": NaN}'), 400, INVALID),
+    "infinity": (chat(body=b'{"model": "gemini", "x": Infinity}'), 400, INVALID),
+    "1e400": (chat(body=with_number("1e400")), 400, INVALID),
+    "-1e400": (chat(body=with_number("-1e400")), 400, INVALID),
+    "2**70": (chat(body=with_number(str(2**70))), 400, INVALID),
+    "-2**70": (chat(body=with_number(str(-(2**70)))), 400, INVALID),
+    "2**64": (chat(body=with_number(str(2**64))), 400, INVALID),
+    "1e300": (chat(body=with_number("1e300")), 400, INVALID),
+    "nested-65": (chat(body=nested(65)), 400, INVALID),
+    "nested-300": (chat(body=nested(300)), 400, INVALID),
+    "nested-1000": (chat(body=nested(1000)), 400, INVALID),
+    "nested-40000": (chat(body=nested(40_000)), 400, INVALID),
+    "nested-objects": (chat(body=b'{"model": "gemini", "x": ' + b'{"a": ' * 500 + b"1"
+                            + b"}" * 500 + b"}"), 400, INVALID),
+    "empty": (chat(body=b""), 400, INVALID),
+    "array": (chat(body=b"[" + CHAT + b"]"), 400, INVALID),
+    "trailing-garbage": (chat(body=CHAT + b"}"), 400, INVALID),
+    "two-documents": (chat(body=CHAT + b" " + CHAT), 400, INVALID),
+    "model-not-a-string": (chat(body=b'{"model": ["gemini"]}'), 400, INVALID),
+    "model-not-allowed": (chat(body=b'{"model": "kling-3"}'), 403, "permission_denied"),
+}
+
+
+def test_bad_bodies(target: Target) -> None:
+    """Bodies orjson refuses, and bodies it reads but the gateway could not pass on exactly:
+    nested deeper than 64 (orjson reads 1023 levels, writes 254: the canonical form the cache
+    key is made of failed with a 500), numbers of magnitude 2**64 and more (orjson reads a
+    larger integer as an inexact float)."""
+    run_table(target, BODIES)
+    target.assert_untouched()
+
+
+def test_numbers_and_nesting_within_bounds_pass(target: Target) -> None:
+    for body in (with_number(str(2**63 - 1)), with_number(str(-(2**63))),
+                 with_number(str(2**64 - 1)), with_number("1.5e19"), nested(60)):
+        answer = target.send(chat(body=body))
+        assert answer.status == 200, (body[:60], answer)
+
+
+def test_duplicate_names_never_smuggle_a_forbidden_model(target: Target) -> None:
+    """orjson keeps the last of duplicate names, an upstream may keep the first: the model the
+    gateway checks must be the one the upstream sees. Research may use gemini, not kling-3.
+    Whatever the answer, kling-3 never reaches the upstream (issue 12, defect 4)."""
+    smuggled = [  # each one different, so that none is answered from the cache
+        b'{"model": "kling-3", "model": "gemini", "n": 1}',
+        b'{"model": "gemini", "model": "kling-3", "n": 2}',
+        b'{"model": "kling-3", "messages": [], "model": "gemini", "n": 3}',
+        b'{"model": "kling-3", "m\\u006fdel": "gemini", "n": 4}',
+    ]
+    answers = [target.send(chat(body=body)) for body in smuggled]
+    assert all(a.status in (200, 400, 403) for a in answers), answers
+    sent = [r["body"] for r in target.mock.requests()]
+    assert not [body for body in sent if "kling-3" in body], sent
+
+
+SMALL_LIMIT = 100_000
+
+FRAMING = {
+    "length-smaller-than-body": (chat(length=len(CHAT) - 10), 400, INVALID),
+    "length-not-a-number": (chat(length=None).replace(
+        f"Content-Length: {len(CHAT)}".encode(), b"Content-Length: abc"), 400, INVALID),
+    "length-negative": (chat().replace(f"Content-Length: {len(CHAT)}".encode(),
+                                       b"Content-Length: -1"), 400, INVALID),
+    "length-twice-different": (chat(f"Content-Length: {len(CHAT) + 1}"), 400, INVALID),
+    "length-and-chunked": (chat("Transfer-Encoding: chunked"), 400, INVALID),
+    "length-huge": (chat().replace(f"Content-Length: {len(CHAT)}".encode(),
+                                   b"Content-Length: 99999999999999999999999"), 400, INVALID),
+    "length-over-the-limit": (chat(length=SMALL_LIMIT + 1), 413, "request_too_large"),
+    "chunked-bad-size": (raw("POST", "/api/v1/chat/completions", f"Authorization: Bearer {KEY}",
+                             "Transfer-Encoding: chunked", body=b"zz\r\nabc\r\n0\r\n\r\n"),
+                         400, INVALID),
+    "chunked-huge-size": (raw("POST", "/api/v1/chat/completions", f"Authorization: Bearer {KEY}",
+                              "Transfer-Encoding: chunked",
+                              body=b"fffffffffffffffffff\r\nabc\r\n0\r\n\r\n"), 400, INVALID),
+    "chunked-over-the-limit": (raw("POST", "/api/v1/chat/completions",
+                                   f"Authorization: Bearer {KEY}", "Transfer-Encoding: chunked",
+                                   body=b"%x\r\n" % (SMALL_LIMIT + 1) + b"x" * (SMALL_LIMIT + 1)
+                                   + b"\r\n0\r\n\r\n"), 413, "request_too_large"),
+    "chunked-then-identity": (raw("POST", "/api/v1/chat/completions",
+                                  f"Authorization: Bearer {KEY}",
+                                  "Transfer-Encoding: chunked, identity",
+                                  body=b"5\r\nabcde\r\n0\r\n\r\n"), 400, INVALID),
+    "chunked-unterminated": (raw("POST", "/api/v1/chat/completions",
+                                 f"Authorization: Bearer {KEY}", "Transfer-Encoding: chunked",
+                                 body=b"5\r\n{\"mod\r\n"), 408, INVALID),
+}
+
+
+def test_content_length_and_chunked_framing(target: Target) -> None:
+    """Content-Length larger or smaller than the body, malformed or doubled, with chunked
+    encoding; chunk sizes that are not hex or overflow; bodies over the limit either way."""
+    run_table(target, FRAMING)
+    target.assert_untouched()
+
+
+def test_a_body_cut_short_by_a_half_close(target: Target) -> None:
+    """Content-Length promises more than comes, then the client shuts its side: an incomplete
+    request, which the gateway may only drop (RFC 9112, 8); counted 499."""
+    with Raw(target.port) as conn:
+        conn.send(chat(length=len(CHAT) + 100))
+        conn.sock.shutdown(socket.SHUT_WR)
+        assert conn.answer().status == 0
+    target.assert_untouched()
+
+
+def test_a_valid_chunked_body_is_read_whole(target: Target) -> None:
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part)
+                      for part in (CHAT[:10], CHAT[10:30], CHAT[30:])) + b"0\r\n\r\n"
+    answer = target.send(raw("POST", "/api/v1/chat/completions", f"Authorization: Bearer {KEY}",
+                             "Content-Type: application/json", "Transfer-Encoding: chunked",
+                             body=chunks))
+    assert answer.status == 200, answer
+    assert target.mock.requests()[-1]["body"] == CHAT.decode()
+
+
+def test_pipelined_hostile_requests_are_answered_in_order(target: Target) -> None:
+    """Several requests in one write: each one answered, in order, none forwarded; after a
+    framing error the connection closes and what follows is never read as a request."""
+    batch = [
+        (request("GET", "/api/v1/tasks/task%0Ax"), 400),
+        (chat(body=b"{not json"), 400),
+        (chat_as("Bearer nope"), 401),
+        (chat(body=nested(100)), 400),
+        (raw("GET", "/api/v1/tasks/task_x", "Connection: close"), 401),
+    ]
+    with Raw(target.port) as conn:
+        conn.send(b"".join(data for data, _ in batch))
+        statuses = [conn.answer().status for _ in batch]
+        assert conn.closed()
+    assert statuses == [status for _, status in batch]
+
+    smuggling = chat("Transfer-Encoding: chunked") + chat()  # the second is never read
+    with Raw(target.port) as conn:
+        conn.send(smuggling)
+        first = conn.answer()
+        assert conn.closed()
+    assert first.status == 400
     target.assert_untouched()
