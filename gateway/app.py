@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import signal
@@ -20,8 +21,9 @@ from starlette.routing import Route
 from . import admin, logs, openapi
 from . import config as cfg
 from .asgi import Receive, RequestIdMiddleware, Scope, Send, with_body_timeout
+from .auth import bearer_token
 from .budget import period_id
-from .errors import GatewayError, MethodNotAllowed, NotFound, error_body
+from .errors import AuthenticationError, GatewayError, MethodNotAllowed, NotFound, error_body
 from .metrics import CONTENT_TYPE, Metrics
 from .policy import Policy
 from .proxy import PREFIX, Proxy
@@ -111,7 +113,8 @@ def create_app_from_env() -> Gateway:
     """Factory for `uvicorn --factory` and worker processes: the config path is in the env."""
     path = os.environ[CONFIG_ENV]
     config = cfg.load(path)
-    logs.configure(config.logging.level, secrets=[config.upstream.api_key])
+    logs.configure(config.logging.level,
+                   secrets=[config.upstream.api_key, config.metrics.bearer_token or ""])
     return create_app(config, config_path=path)
 
 
@@ -141,8 +144,20 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
+    _authorize_scrape(request, runtime.policy.config.metrics.bearer_token)
     await refresh_budget_gauges(runtime)
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _authorize_scrape(request: Request, token: str | None) -> None:
+    """With `metrics.bearer_token` set, /metrics (every team's traffic and budget) answers only
+    to that token; compared in constant time."""
+    if token is None:
+        return
+    sent = bearer_token(request.headers.get("authorization", "").encode("latin-1"))
+    if sent is None or not hmac.compare_digest(sent, token.encode()):
+        raise AuthenticationError("Missing or invalid metrics token.",
+                                  headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
 
 
 async def refresh_budget_gauges(runtime: Runtime) -> None:

@@ -132,6 +132,13 @@ class Ledger:
 
 
 @dataclass(frozen=True, slots=True)
+class Metrics:
+    """`bearer_token`: when set, GET /metrics needs `Authorization: Bearer <token>`."""
+
+    bearer_token: str | None = field(default=None, repr=False, metadata=_check(secret=True))
+
+
+@dataclass(frozen=True, slots=True)
 class Logging:
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
@@ -148,6 +155,7 @@ class Config:
     admin: Admin = Admin()
     ledger: Ledger = Ledger()
     logging: Logging = Logging()
+    metrics: Metrics = Metrics()
 
     def price(self, model: str) -> float:
         """Credits reserved for one call of `model` before it is forwarded."""
@@ -358,6 +366,10 @@ def _validate(config: Config) -> None:
     for i, endpoint in enumerate(config.cache.endpoints):
         if endpoint.strip("/") != endpoint or not endpoint:
             raise ConfigError(f"cache.endpoints[{i}]: write the path without slashes at the ends")
+    token = config.metrics.bearer_token
+    problem = None if token is None else _token_problem(token, "token", MIN_TOKEN_CHARS)
+    if problem is not None:
+        raise ConfigError(f"metrics.bearer_token: {problem}")
     problem = _api_key_problem(config.upstream.api_key)
     if problem is not None:
         raise ConfigError(f"upstream.api_key: {problem}")
@@ -370,6 +382,7 @@ _DB = re.compile(r"[0-9]{1,5}")
 _STORE_SCHEMES = ("memory", "unix", "redis", "rediss", "redis+sentinel", "rediss+sentinel",
                   "redis+cluster", "rediss+cluster")
 MAX_KEY_CHARS = 4096
+MIN_TOKEN_CHARS = 16
 
 
 def _api_key_problem(key: str) -> str | None:
@@ -378,14 +391,19 @@ def _api_key_problem(key: str) -> str | None:
     if not key.strip():
         return ("is missing or empty: set the organisation's API in One key "
                 "(api_key: ${APIINONE_API_KEY})")
-    if key != key.strip():
-        return ("has whitespace at its start or end (a secret file's trailing newline?); "
-                "the key is not shown")
-    if len(key) > MAX_KEY_CHARS:
-        return f"is longer than {MAX_KEY_CHARS} characters; the key is not shown"
-    if not _VISIBLE.fullmatch(key):
+    return _token_problem(key, "key", 1)
+
+
+def _token_problem(token: str, what: str, min_chars: int) -> str | None:
+    """A secret sent or compared as a Bearer token: visible ASCII, nothing around it."""
+    if token != token.strip():
+        return (f"has whitespace at its start or end (a secret file's trailing newline?); "
+                f"the {what} is not shown")
+    if not min_chars <= len(token) <= MAX_KEY_CHARS:
+        return f"must be {min_chars} to {MAX_KEY_CHARS} characters; the {what} is not shown"
+    if not _VISIBLE.fullmatch(token):
         return ("must be visible ASCII characters only (no spaces, no control characters); "
-                "the key is not shown")
+                f"the {what} is not shown")
     return None
 
 

@@ -370,7 +370,9 @@ class RunningGateway:
         return self.client.request(method, f"/admin/v1/{path}", headers=headers, **kw)
 
     def metrics(self) -> str:
-        return self.client.get("/metrics").text
+        token = self.runtime.policy.config.metrics.bearer_token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return self.client.get("/metrics", headers=headers).text
 
     def team(self, name: str = "research") -> dict[str, Any]:
         """The team's row of GET /admin/v1/teams: quota, budget, spent, reserved."""

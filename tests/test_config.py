@@ -184,6 +184,15 @@ BAD_VALUES = [
      "characters only (no spaces, no control characters); the key is not shown"),
     (f"upstream: {{api_key: '{SECRET}\u00e9'}}", "upstream.api_key: must be visible ASCII "
      "characters only (no spaces, no control characters); the key is not shown"),
+    # the metrics token: a real secret, never echoed
+    (KEY + "metrics: {bearer_token: ''}",
+     "metrics.bearer_token: must be 16 to 4096 characters; the token is not shown"),
+    (KEY + f"metrics: {{bearer_token: '{SECRET}'}}",
+     "metrics.bearer_token: must be 16 to 4096 characters; the token is not shown"),
+    (KEY + f"metrics: {{bearer_token: '{SECRET * 3} '}}", "metrics.bearer_token: has whitespace "
+     "at its start or end (a secret file's trailing newline?); the token is not shown"),
+    (KEY + f"metrics: {{bearer_token: '{SECRET * 3}\u00e9'}}", "metrics.bearer_token: must be "
+     "visible ASCII characters only (no spaces, no control characters); the token is not shown"),
     # store URLs: one line, never the password
     (KEY + "store: {url: 'redis+cluster://host'}",
      "store.url: each node must be host:port (port 1-65535), got 'host'"),

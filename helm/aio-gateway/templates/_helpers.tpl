@@ -48,6 +48,30 @@ api-key
 {{- end }}
 {{- end }}
 
+{{/* The Secret and key that hold the metrics token; empty when /metrics is open. */}}
+{{- define "aio-gateway.metricsTokenSecretName" -}}
+{{- if .Values.metrics.existingSecret }}
+{{- .Values.metrics.existingSecret }}
+{{- else if .Values.metrics.bearerToken }}
+{{- include "aio-gateway.fullname" . }}
+{{- end }}
+{{- end }}
+
+{{- define "aio-gateway.metricsTokenSecretKey" -}}
+{{- if .Values.metrics.existingSecret }}
+{{- .Values.metrics.existingSecretKey }}
+{{- else -}}
+metrics-token
+{{- end }}
+{{- end }}
+
+{{/* Whether the chart's own Secret is rendered: the upstream key, the metrics token or both. */}}
+{{- define "aio-gateway.ownSecret" -}}
+{{- if or (not .Values.upstream.existingSecret) (and .Values.metrics.bearerToken (not .Values.metrics.existingSecret)) -}}
+true
+{{- end }}
+{{- end }}
+
 {{/*
 store.url for the rendered config: the Redis URL from a Secret (through the environment), else
 redis.url, else the config's own store.url, else memory://.
@@ -64,7 +88,7 @@ ${AIO_GATEWAY_REDIS_URL}
 
 {{/*
 Refuse combinations that cannot work: several pods or workers on the per-process memory://
-store, an upstream key in the config itself, no upstream key at all.
+store, an upstream key or a metrics token in the config itself, no upstream key at all.
 */}}
 {{- define "aio-gateway.validate" -}}
 {{- $memory := hasPrefix "memory://" (include "aio-gateway.storeUrl" .) }}
@@ -76,6 +100,9 @@ store, an upstream key in the config itself, no upstream key at all.
 {{- end }}
 {{- if hasKey (.Values.config.upstream | default dict) "api_key" }}
 {{- fail "config.upstream.api_key must not be set: the chart renders ${APIINONE_API_KEY}; give the key in upstream.apiKey or upstream.existingSecret" }}
+{{- end }}
+{{- if hasKey (get (.Values.config | default dict) "metrics" | default dict) "bearer_token" }}
+{{- fail "config.metrics.bearer_token must not be set: give the token in metrics.bearerToken or metrics.existingSecret (the chart renders ${METRICS_TOKEN})" }}
 {{- end }}
 {{- if and (not .Values.upstream.apiKey) (not .Values.upstream.existingSecret) }}
 {{- fail "set upstream.apiKey (the chart creates a Secret) or upstream.existingSecret (a Secret you manage)" }}
@@ -91,6 +118,11 @@ store, an upstream key in the config itself, no upstream key at all.
 {{- $store := deepCopy (get $config "store" | default dict) }}
 {{- $_ := set $store "url" (include "aio-gateway.storeUrl" .) }}
 {{- $_ := set $config "store" $store }}
+{{- if include "aio-gateway.metricsTokenSecretName" . }}
+{{- $metrics := deepCopy (get $config "metrics" | default dict) }}
+{{- $_ := set $metrics "bearer_token" "${METRICS_TOKEN}" }}
+{{- $_ := set $config "metrics" $metrics }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
