@@ -12,6 +12,10 @@ the error shape: 400 or 431, 408 for a head cut off mid-way (a connection that s
 closed silently: an unasked-for 408 would be read by a pooling client as the answer to its
 next request).
 
+WebSockets are off (`ws="none"`): the gateway serves none, and uvicorn, with a WebSocket
+library installed, would otherwise take any `Upgrade: websocket` and refuse it with a bodiless
+403; the request is now an ordinary one (the hop-by-hop `Upgrade` is not forwarded).
+
 `Server`: on SIGTERM uvicorn stops accepting, lets in-flight requests finish (up to the grace
 period) and runs the app's shutdown, which settles their charges; it then raises the signal
 again, so the process would end with status 143. A gateway that finished its work exits 0.
@@ -149,7 +153,7 @@ def serve(*, host: str, port: int, workers: int, grace_s: float, head_timeout_s:
     """Serve until SIGTERM or SIGINT; the exit status is 0 after a graceful shutdown."""
     config = Config(
         APP, factory=True, host=host, port=port, workers=workers, loop="uvloop",
-        http=HttpProtocol, log_config=None, access_log=False, server_header=False,
+        http=HttpProtocol, ws="none", log_config=None, access_log=False, server_header=False,
         timeout_graceful_shutdown=int(grace_s), head_timeout_s=head_timeout_s,
     )
     if workers > 1:

@@ -233,6 +233,7 @@ class ServerThread:
         self.server = uvicorn.Server(uvicorn.Config(
             app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
             lifespan="on", timeout_graceful_shutdown=5, loop="asyncio", http=HttpProtocol,
+            ws="none",  # as gateway.server.serve
         ))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -18,8 +18,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from .conftest import (
     KEYS,
@@ -534,3 +537,83 @@ def test_pipelined_hostile_requests_are_answered_in_order(target: Target) -> Non
         assert conn.closed()
     assert first.status == 400
     target.assert_untouched()
+
+
+# -- random requests, as bytes, over the whole proxied surface ---------------------------------
+
+SEGMENTS = st.builds(
+    lambda word, tail: word + tail,
+    st.sampled_from(["chat", "completions", "tasks", "images", "generations", "task_1", "..",
+                     ".", "", "~x", "models"]),
+    st.one_of(st.sampled_from(["", "%2e%2e", "%2F", "%00", "%0A", "%0D%0A", "%20", "%ff",
+                               "%C2%85", ";x=1", "%25"]),
+              st.binary(max_size=6).map(lambda b: quote(b, safe=""))),
+)
+HEADER_NAMES = ["X-Note", "Accept", "Cache-Control", "Idempotency-Key", "X-Request-ID",
+                "Content-Type", "Connection", "TE", "Upgrade", "Expect", "Forwarded",
+                "X-Forwarded-For", "Cookie", "Range"]
+HEADER_VALUES = st.one_of(
+    st.sampled_from(["no-cache", "no-store", "close", "keep-alive, Upgrade", "websocket",
+                     "trailers", "100-continue", "application/json", "text/html", "*/*", "",
+                     "bytes=0-1", "k" * 300]),
+    st.binary(max_size=24).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                max_size=3),
+    max_leaves=10)
+BODIES_ANY = st.one_of(
+    st.just(CHAT),
+    st.dictionaries(st.sampled_from(["model", "messages", "stream", "prompt", "n"]),
+                    JSON_VALUES, max_size=4).map(lambda d: json.dumps(d).encode()),
+    st.binary(max_size=64),
+)
+
+
+@st.composite
+def random_requests(draw: st.DrawFn) -> bytes:
+    method = draw(st.sampled_from(["GET", "POST", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS",
+                                   "TRACE", "PROPFIND"]))
+    path = "/api/v1/" + "/".join(draw(st.lists(SEGMENTS, min_size=1, max_size=4)))
+    query = draw(st.one_of(st.just(""), st.binary(max_size=12).map(
+        lambda b: "?" + quote(b, safe="=&"))))
+    lines: list[bytes | str] = [f"Authorization: Bearer {KEY}"] if draw(st.integers(0, 9)) else []
+    for _ in range(draw(st.integers(0, 3))):
+        name = draw(st.sampled_from(HEADER_NAMES)).encode()
+        lines.append(name + b": " + (lambda v: v if isinstance(v, bytes) else v.encode())(
+            draw(HEADER_VALUES)))
+    body = draw(BODIES_ANY) if method in ("POST", "PUT", "PATCH") else b""
+    lines += [f"Content-Length: {len(body)}", "Connection: close"]
+    return raw(method, path + query, *lines, body=body)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(data=random_requests())
+def test_random_requests_never_get_a_5xx(target: Target, data: bytes) -> None:
+    """Whatever arrives under /api/v1/ is answered (4xx when it is wrong, or the upstream's own
+    answer when it is a valid call), never with a 5xx, an answer outside the error shape, or
+    an error in the log."""
+    answer = target.send(data)
+    assert 100 <= answer.status < 500, (data[:300], answer)
+    if answer.status >= 400 and not data.startswith(b"HEAD"):
+        answer.error()
+    errors = [r.getMessage() for r in target.caplog.records
+              if r.exc_info or r.levelno >= logging.ERROR]
+    assert not errors, (data[:300], errors)
+
+
+def test_a_websocket_upgrade_is_plain_http(gateway_process: Callable[..., GatewayProcess],
+                                           mock: Mock) -> None:
+    """The gateway serves no WebSocket: uvicorn (with a WebSocket library installed) took the
+    upgrade and answered 403 with no body, outside the error shape. Now it is a plain request:
+    the task lookup's 404 here, in the error shape; nothing reaches the upstream."""
+    gateway = gateway_process(base_config(mock.api_url))
+    with Raw(gateway.port) as conn:
+        conn.send(raw("GET", "/api/v1/tasks/task_x", f"Authorization: Bearer {KEY}",
+                      "Connection: Upgrade", "Upgrade: websocket", "Sec-WebSocket-Version: 13",
+                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="))
+        answer = conn.answer()
+    assert (answer.status, answer.error()["type"]) == (404, "not_found"), answer
+    assert mock.upstream_calls() == 0
