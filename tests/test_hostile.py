@@ -29,6 +29,7 @@ from .conftest import (
     GatewayFactory,
     GatewayProcess,
     Mock,
+    RedisServer,
     RunningGateway,
     base_config,
     team_config,
@@ -273,12 +274,16 @@ def test_client_gone_mid_upload_is_a_499(target: Target) -> None:
 # -- slow clients: a head or a body that never ends ----------------------------------------------
 
 
-def test_slow_loris_head_is_cut_off(gateway_process: Callable[..., GatewayProcess],
-                                    mock: Mock) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_slow_loris_head_is_cut_off(gateway_process: Callable[..., GatewayProcess], mock: Mock,
+                                    redis_server: RedisServer, workers: int) -> None:
     """A head sent a byte at a time: uvicorn has no bound on it (its keep-alive timeout starts
     after an answer, and the first byte stops it). `listen.head_timeout_s` cuts it: 408 in the
-    error shape, then the connection closes, long before the head could end."""
-    gateway = gateway_process(base_config(mock.api_url, listen={"head_timeout_s": 1}))
+    error shape, then the connection closes, long before the head could end. With --workers,
+    the setting travels to each worker process."""
+    store = "memory://" if workers == 1 else redis_server.url
+    gateway = gateway_process(base_config(mock.api_url, store, listen={"head_timeout_s": 1}),
+                              workers=workers)
     head = request("GET", "/api/v1/tasks/task_x", "X-Drip: " + "x" * 400)
     with Raw(gateway.port, timeout=30) as conn:
         for sent in range(len(head)):  # a byte every 0.1 s, until the gateway says something
