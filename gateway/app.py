@@ -39,15 +39,15 @@ CONFIG_ENV = "AIO_GATEWAY_CONFIG"
 class Gateway:
     """The ASGI app: /api/v1/ goes straight to the proxy, the rest to a small Starlette site."""
 
-    def __init__(self, runtime: Runtime, site: Starlette) -> None:
+    def __init__(self, runtime: Runtime, site: Starlette, *, body_timeout_s: float) -> None:
         self.runtime = runtime
         self.site = RequestIdMiddleware(site)
         self.proxy = Proxy(runtime)
+        self.body_timeout_s = body_timeout_s  # `listen`: fixed until a restart
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(PREFIX):
-            idle_s = self.runtime.policy.config.listen.body_timeout_s
-            await self.proxy(scope, with_body_timeout(receive, idle_s), send)
+            await self.proxy(scope, with_body_timeout(receive, self.body_timeout_s), send)
         else:
             await self.site(scope, receive, send)
 
@@ -106,7 +106,7 @@ def create_app(
     )
     site.state.runtime = runtime
     site.state.config_path = config_path
-    return Gateway(runtime, site)
+    return Gateway(runtime, site, body_timeout_s=config.listen.body_timeout_s)
 
 
 def create_app_from_env() -> Gateway:

@@ -16,7 +16,9 @@ where it does not belong (a Bearer token, an `Idempotency-Key`, an `X-Request-ID
 `json_object(body, content_type)`: the body of a POST, a JSON object the gateway can pass on
 exactly: orjson reads nesting up to 1023 levels but writes only 254 (the canonical form the
 cache key and the forwarded body are made of), and reads an integer beyond 64 bits as an
-inexact float; so nesting is bounded at `MAX_JSON_DEPTH` and numbers at 2**64 in magnitude.
+inexact float; so a body must nest at most 254 levels, and its numbers stay below 2**64 in
+magnitude. Both checks run in orjson's C code (one write of the document) but for bodies that
+hold a float from 1e16 up, which are walked.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import orjson
 from .asgi import Headers, Scope
 from .errors import InvalidRequest
 
-MAX_JSON_DEPTH = 64
 _EXACT = 2.0**64
 _JSON_TYPES = (b"application/json", b"application/x-www-form-urlencoded", b"text/plain")
 # fields that must appear once (RFC 9110 5.3): with two, which one counts depends on the reader
@@ -91,22 +92,27 @@ def json_object(body: bytes, content_type: bytes | None) -> dict[str, Any]:
         raise InvalidRequest("The request body is not valid JSON.") from None
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    _check_tree(payload)
+    try:
+        written = orjson.dumps(payload)
+    except orjson.JSONEncodeError:  # orjson writes 254 levels at most
+        raise InvalidRequest("The request body nests JSON more than 254 levels deep.") from None
+    # orjson writes any float from 1e16 up with an exponent, "e+": only then is a walk needed
+    if b"e+" in written and _large_number_in(payload):
+        raise InvalidRequest("The request body holds a number of magnitude 2**64 or more, "
+                             "which the gateway cannot pass on exactly.")
     return payload
 
 
-def _check_tree(payload: dict[str, Any]) -> None:
-    """Walk the document once (without recursion: it may be 1023 levels deep)."""
-    stack: list[tuple[Any, int]] = [(payload, 1)]
+def _large_number_in(payload: dict[str, Any]) -> bool:
+    """Whether a float of magnitude 2**64 or more is anywhere in the document (a walk without
+    recursion: it may be 254 levels deep)."""
+    stack: list[Any] = [payload]
     while stack:
-        node, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise InvalidRequest(
-                f"The request body nests more than {MAX_JSON_DEPTH} levels of JSON.")
-        for child in node.values() if isinstance(node, dict) else node:
-            if isinstance(child, dict | list):
-                stack.append((child, depth + 1))
-            elif isinstance(child, float) and not -_EXACT < child < _EXACT:
-                raise InvalidRequest(
-                    "The request body holds a number of magnitude 2**64 or more, which the "
-                    "gateway cannot pass on exactly.")
+        node = stack.pop()
+        for child in node.values() if type(node) is dict else node:
+            kind = type(child)  # orjson makes exactly dict, list, float...
+            if kind is dict or kind is list:
+                stack.append(child)
+            elif kind is float and not -_EXACT < child < _EXACT:
+                return True
+    return False
