@@ -33,8 +33,9 @@ from .runtime import Runtime
 from .store import StoreError
 
 PREFIX = "/admin/v1"
-_ENTRY_ID = re.compile(r"[0-9]{1,15}-[0-9]{1,19}")
+_ENTRY_ID = re.compile(r"[0-9]{1,15}-[0-9]{1,19}")  # patterns are used with fullmatch
 _DAYS = re.compile(r"([0-9]{1,4})d")
+_LIMIT = re.compile(r"-?[0-9]{1,9}")
 
 
 def routes() -> list[BaseRoute]:
@@ -101,10 +102,10 @@ async def ledger(request: Request) -> Response:
     team = request.path_params["team"]
     if team not in runtime.policy.teams:
         raise NotFound(f"No team named {team!r}.")
-    try:
-        limit = min(max(int(request.query_params.get("limit", "100")), 1), 1000)
-    except ValueError:
-        raise InvalidRequest("limit must be a whole number.") from None
+    raw_limit = request.query_params.get("limit", "100")
+    if not _LIMIT.fullmatch(raw_limit):
+        raise InvalidRequest("limit must be a whole number.")
+    limit = min(max(int(raw_limit), 1), 1000)
     after = request.query_params.get("after", "-")
     if after != "-" and not _ENTRY_ID.fullmatch(after):
         raise InvalidRequest("after must be an entry id from a previous page.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import signal
@@ -19,10 +20,10 @@ from starlette.routing import Route
 
 from . import admin, logs, openapi
 from . import config as cfg
-from .asgi import Receive, RequestIdMiddleware, Scope, Send
-from .auth import EXPIRY_WINDOWS
+from .asgi import Receive, RequestIdMiddleware, Scope, Send, with_body_timeout
+from .auth import EXPIRY_WINDOWS, bearer_token
 from .budget import period_id
-from .errors import GatewayError, MethodNotAllowed, NotFound, error_body
+from .errors import AuthenticationError, GatewayError, MethodNotAllowed, NotFound, error_body
 from .ledger import LedgerDB, Shipper
 from .ledger.postgres import url_secrets
 from .metrics import CONTENT_TYPE, Metrics
@@ -40,14 +41,15 @@ CONFIG_ENV = "AIO_GATEWAY_CONFIG"
 class Gateway:
     """The ASGI app: /api/v1/ goes straight to the proxy, the rest to a small Starlette site."""
 
-    def __init__(self, runtime: Runtime, site: Starlette) -> None:
+    def __init__(self, runtime: Runtime, site: Starlette, *, body_timeout_s: float) -> None:
         self.runtime = runtime
         self.site = RequestIdMiddleware(site)
         self.proxy = Proxy(runtime)
+        self.body_timeout_s = body_timeout_s  # `listen`: fixed until a restart
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(PREFIX):
-            await self.proxy(scope, receive, send)
+            await self.proxy(scope, with_body_timeout(receive, self.body_timeout_s), send)
         else:
             await self.site(scope, receive, send)
 
@@ -120,7 +122,7 @@ def create_app(
     )
     site.state.runtime = runtime
     site.state.ledger = ledger_db
-    return Gateway(runtime, site)
+    return Gateway(runtime, site, body_timeout_s=config.listen.body_timeout_s)
 
 
 def _ledger(config: cfg.Config, runtime: Runtime) -> tuple[LedgerDB | None, Shipper | None]:
@@ -139,7 +141,8 @@ def create_app_from_env() -> Gateway:
     path = os.environ[CONFIG_ENV]
     config = cfg.load(path)
     logs.configure(config.logging.level,
-                   secrets=[config.upstream.api_key, *url_secrets(config.ledger.url)])
+                   secrets=[config.upstream.api_key, config.metrics.bearer_token or "",
+                            *url_secrets(config.ledger.url)])
     return create_app(config, config_path=path)
 
 
@@ -172,11 +175,23 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
+    _authorize_scrape(request, runtime.policy.config.metrics.bearer_token)
     await refresh_budget_gauges(runtime)
     for within, seconds in EXPIRY_WINDOWS.items():
         keys = runtime.policy.auth.expiring(runtime.clock(), seconds)
         runtime.metrics.keys_expiring.labels(within).set(len(keys))
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _authorize_scrape(request: Request, token: str | None) -> None:
+    """With `metrics.bearer_token` set, /metrics (every team's traffic and budget) answers only
+    to that token; compared in constant time."""
+    if token is None:
+        return
+    sent = bearer_token(request.headers.get("authorization", "").encode("latin-1"))
+    if sent is None or not hmac.compare_digest(sent, token.encode()):
+        raise AuthenticationError("Missing or invalid metrics token.",
+                                  headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
 
 
 async def refresh_budget_gauges(runtime: Runtime) -> None:

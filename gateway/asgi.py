@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import GatewayError, RequestTooLarge
+from .errors import ClientDisconnected as ClientDisconnected  # raised by read_body
+from .errors import GatewayError, RequestTimeout, RequestTooLarge
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -25,11 +28,14 @@ class Reply:
     body: bytes = b""
 
 
-class ClientDisconnected(Exception):
-    """The client went away before its request body arrived."""
-
-
 async def read_body(receive: Receive, limit: int) -> bytes:
+    """The whole request body, at most `limit` bytes.
+
+    A client that goes away mid-body: uvicorn (httptools) notices the closed connection and
+    answers the next `receive()` with `http.disconnect`, whatever part of the body it had. That
+    raises `ClientDisconnected`, a `GatewayError` (499), so that whoever answers errors counts
+    it as the client's doing, not as a defect of the gateway.
+    """
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -45,10 +51,56 @@ async def read_body(receive: Receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-async def send_reply(send: Send, reply: Reply) -> None:
-    headers = [*reply.headers, (b"content-length", str(len(reply.body)).encode())]
+def with_body_timeout(receive: Receive, idle_s: float) -> Receive:
+    """`receive` for one request, bounded while its body arrives: `RequestTimeout` (408, and
+    the connection closes) when no part of it comes for `idle_s` (as nginx's
+    client_body_timeout); once the body is whole, unbounded (the proxy then waits on it for the
+    client's disconnect, for as long as a stream lasts)."""
+    whole = False
+
+    async def receive_body() -> Message:
+        nonlocal whole
+        if whole:
+            return await receive()
+        try:
+            async with asyncio.timeout(idle_s):
+                message = await receive()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"No part of the request body arrived for {idle_s:g} seconds.") from None
+        whole = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    return receive_body
+
+
+async def send_reply(send: Send, reply: Reply, *, head: bool = False) -> None:
+    """Send a whole answer, framed by `Content-Length`, except where HTTP says otherwise
+    (RFC 9110, 8.6 and 9.3.2): none on a 1xx, 204 or 304; on an answer to HEAD (`head`) that
+    has no body, only the length the reply carries (`head_length`: the upstream's), as a
+    gateway-made answer to HEAD keeps its body's length, the one its GET would have had."""
+    headers = reply.headers
+    bodiless = reply.status < 200 or reply.status in (204, 304) or (head and not reply.body)
+    if not bodiless:
+        headers = [*headers, (b"content-length", str(len(reply.body)).encode())]
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     await send({"type": "http.response.body", "body": reply.body})
+
+
+_LENGTH = re.compile(rb"[0-9]{1,18}")
+
+
+def head_length(status: int, upstream: Headers) -> Headers:
+    """The `Content-Length` of the upstream's answer to a HEAD, the length its GET would have
+    had, when it is a plain number for a status that has a body, and that body was not
+    content-encoded (the gateway's GET decodes it, so its length would differ); else none."""
+    if status < 200 or status in (204, 304):
+        return []
+    lengths = [v for k, v in upstream if k.lower() == b"content-length"]
+    if len(lengths) != 1 or not _LENGTH.fullmatch(lengths[0].strip()) or any(
+            k.lower() == b"content-encoding" for k, _ in upstream):
+        return []
+    return [(b"content-length", lengths[0].strip())]
 
 
 def error_reply(exc: GatewayError) -> Reply:

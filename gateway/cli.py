@@ -115,6 +115,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port if args.port is not None else config.listen.port,
         workers=args.workers,
         grace_s=config.listen.shutdown_grace_s,
+        head_timeout_s=config.listen.head_timeout_s,
     )
 
 

@@ -26,8 +26,8 @@ import yaml
 
 Period = Literal["day", "week", "month", "total"]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # patterns are used with fullmatch
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _INSTANT = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?(?:Z|[+-][0-9]{2}:[0-9]{2})")
@@ -41,66 +41,79 @@ class ConfigError(ValueError):
     """A configuration that must not start. The message names the field."""
 
 
-def _check(*, minimum: float | None = None, pattern: re.Pattern[str] | None = None,
-           secret: bool = False, above: float | None = None, hint: str | None = None
-           ) -> dict[str, Any]:
-    return {"minimum": minimum, "pattern": pattern, "secret": secret, "above": above,
-            "hint": hint}
+# Upper bounds: a day for a timeout (a socket timeout beyond ~1e9 s overflows), ten years for a
+# time to live, 1e9 for counts and prices; budgets up to 1e12 credits keep millicredits below
+# 2**53, exact in the store's Lua numbers.
+DAY_S = 86400
+TEN_YEARS_S = 10 * 365 * DAY_S
+MANY = 10**9
+
+
+def _check(*, minimum: float | None = None, maximum: float | None = None,
+           pattern: re.Pattern[str] | None = None, secret: bool = False,
+           above: float | None = None, hint: str | None = None) -> dict[str, Any]:
+    return {"minimum": minimum, "maximum": maximum, "pattern": pattern, "secret": secret,
+            "above": above, "hint": hint}
 
 
 @dataclass(frozen=True, slots=True)
 class Listen:
     host: str = "0.0.0.0"
-    port: int = field(default=8080, metadata=_check(minimum=0))
-    max_body_bytes: int = field(default=25 * 1024 * 1024, metadata=_check(minimum=1))
-    shutdown_grace_s: float = field(default=30.0, metadata=_check(minimum=0))
+    port: int = field(default=8080, metadata=_check(minimum=0, maximum=65535))
+    max_body_bytes: int = field(default=25 * 1024 * 1024,
+                                metadata=_check(minimum=1, maximum=MANY))
+    shutdown_grace_s: float = field(default=30.0, metadata=_check(minimum=0, maximum=DAY_S))
+    head_timeout_s: float = field(default=10.0, metadata=_check(above=0, maximum=DAY_S))
+    body_timeout_s: float = field(default=30.0, metadata=_check(above=0, maximum=DAY_S))
 
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
     base_url: str = "https://apiin.one/api/v1"
     api_key: str = field(default="", repr=False, metadata=_check(secret=True))
-    timeout_s: float = field(default=120.0, metadata=_check(above=0))
-    stream_timeout_s: float = field(default=600.0, metadata=_check(above=0))
-    connect_timeout_s: float = field(default=10.0, metadata=_check(above=0))
-    requests_per_minute: int | None = field(default=60, metadata=_check(minimum=1))
-    burst: int = field(default=1, metadata=_check(minimum=1))
-    queue_timeout_s: float = field(default=10.0, metadata=_check(minimum=0))
-    retries: int = field(default=2, metadata=_check(minimum=0))
-    max_connections: int = field(default=200, metadata=_check(minimum=1))
+    timeout_s: float = field(default=120.0, metadata=_check(above=0, maximum=DAY_S))
+    stream_timeout_s: float = field(default=600.0, metadata=_check(above=0, maximum=DAY_S))
+    connect_timeout_s: float = field(default=10.0, metadata=_check(above=0, maximum=DAY_S))
+    requests_per_minute: int | None = field(default=60, metadata=_check(minimum=1, maximum=MANY))
+    burst: int = field(default=1, metadata=_check(minimum=1, maximum=MANY))
+    queue_timeout_s: float = field(default=10.0, metadata=_check(minimum=0, maximum=DAY_S))
+    retries: int = field(default=2, metadata=_check(minimum=0, maximum=10))
+    max_connections: int = field(default=200, metadata=_check(minimum=1, maximum=100_000))
 
 
 @dataclass(frozen=True, slots=True)
 class Store:
     url: str = "memory://"
     on_error: Literal["closed", "open"] = "closed"
-    timeout_s: float = field(default=1.0, metadata=_check(above=0))
+    timeout_s: float = field(default=1.0, metadata=_check(above=0, maximum=DAY_S))
     key_prefix: str = field(default="aio", metadata=_check(pattern=_NAME))
-    warn_interval_s: float = field(default=60.0, metadata=_check(minimum=0))
+    warn_interval_s: float = field(default=60.0, metadata=_check(minimum=0, maximum=DAY_S))
     # memory:// only: keys that expire (cache entries, remembered answers, locks) are evicted,
     # least recently used first, beyond this size (Redis: set maxmemory, volatile-lru)
-    memory_max_bytes: int = field(default=128 * 1024 * 1024, metadata=_check(minimum=1))
+    memory_max_bytes: int = field(default=128 * 1024 * 1024,
+                                  metadata=_check(minimum=1, maximum=1 << 40))
 
 
 @dataclass(frozen=True, slots=True)
 class Cache:
     scope: Literal["team", "organisation"] = "team"
-    ttl_s: int = field(default=86400, metadata=_check(minimum=0))
+    ttl_s: int = field(default=86400, metadata=_check(minimum=0, maximum=TEN_YEARS_S))
     endpoints: tuple[str, ...] = ("chat/completions",)
-    task_ttl_s: int = field(default=604800, metadata=_check(minimum=0))
-    pending_task_ttl_s: float = field(default=2.0, metadata=_check(minimum=0))
-    max_entry_bytes: int = field(default=1024 * 1024, metadata=_check(minimum=0))
+    task_ttl_s: int = field(default=604800, metadata=_check(minimum=0, maximum=TEN_YEARS_S))
+    pending_task_ttl_s: float = field(default=2.0, metadata=_check(minimum=0, maximum=DAY_S))
+    max_entry_bytes: int = field(default=1024 * 1024, metadata=_check(minimum=0, maximum=MANY))
 
 
 @dataclass(frozen=True, slots=True)
 class Pricing:
-    default: float = field(default=10.0, metadata=_check(minimum=0))
-    models: Mapping[str, float] = field(default_factory=dict)
+    default: float = field(default=10.0, metadata=_check(minimum=0, maximum=MANY))
+    models: Mapping[str, float] = field(default_factory=dict,
+                                        metadata=_check(minimum=0, maximum=MANY))
 
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    credits: float = field(metadata=_check(minimum=0))
+    credits: float = field(metadata=_check(minimum=0, maximum=1e12))
     period: Period = "month"
 
 
@@ -132,8 +145,9 @@ class Key:
 @dataclass(frozen=True, slots=True)
 class Team:
     keys: tuple[Key, ...] = ()
-    requests_per_minute: int | None = field(default=None, metadata=_check(minimum=1))
-    requests_per_day: int | None = field(default=None, metadata=_check(minimum=1))
+    requests_per_minute: int | None = field(default=None,
+                                            metadata=_check(minimum=1, maximum=MANY))
+    requests_per_day: int | None = field(default=None, metadata=_check(minimum=1, maximum=MANY))
     budget: Budget | None = None
     models: tuple[str, ...] | None = None
 
@@ -179,13 +193,20 @@ class Attribution:
 
 @dataclass(frozen=True, slots=True)
 class Ledger:
-    retention_days: float = field(default=90.0, metadata=_check(above=0))
-    max_entries: int = field(default=1_000_000, metadata=_check(minimum=1))
+    retention_days: float = field(default=90.0, metadata=_check(above=0, maximum=3650))
+    max_entries: int = field(default=1_000_000, metadata=_check(minimum=1, maximum=MANY))
     # the ledger of record: entries are copied there in the background (gateway/ledger/)
     url: str | None = field(default=None, repr=False, metadata=_check(secret=True))
     batch_rows: int = field(default=1000, metadata=_check(minimum=1))
-    interval_s: float = field(default=1.0, metadata=_check(above=0))
-    timeout_s: float = field(default=10.0, metadata=_check(above=0))
+    interval_s: float = field(default=1.0, metadata=_check(above=0, maximum=DAY_S))
+    timeout_s: float = field(default=10.0, metadata=_check(above=0, maximum=DAY_S))
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    """`bearer_token`: when set, GET /metrics needs `Authorization: Bearer <token>`."""
+
+    bearer_token: str | None = field(default=None, repr=False, metadata=_check(secret=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +228,7 @@ class Config:
     attribution: Attribution = Attribution()
     ledger: Ledger = Ledger()
     logging: Logging = Logging()
+    metrics: Metrics = Metrics()
 
     def price(self, model: str) -> float:
         """Credits reserved for one call of `model` before it is forwarded."""
@@ -290,7 +312,9 @@ def _interpolate(value: Any, env: Mapping[str, str], path: str) -> Any:
 
 
 def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
+    """`path.key`; a key with a control character is quoted, so the message stays one line."""
+    name = key if isinstance(key, str) and key.isprintable() else repr(key)
+    return f"{path}.{name}" if path else str(name)
 
 
 def _build(cls: type[Any], raw: Any, path: str) -> Any:
@@ -363,11 +387,15 @@ def _scalar(hint: Any, value: Any, path: str, meta: Mapping[str, Any]) -> Any:
     if isinstance(value, bool) or not isinstance(value, numeric):
         kind = "an integer" if hint is int else "a number"
         raise ConfigError(f"{path}: expected {kind}, got {_show(value, meta)}")
-    minimum, above = meta.get("minimum"), meta.get("above")
+    if not math.isfinite(value):
+        raise ConfigError(f"{path}: must be a finite number, got {value}")
+    minimum, maximum, above = meta.get("minimum"), meta.get("maximum"), meta.get("above")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{path}: must be at least {minimum:g}, got {value}")
     if above is not None and value <= above:
         raise ConfigError(f"{path}: must be greater than {above:g}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{path}: must be at most {maximum:g}, got {value}")
     return hint(value)
 
 
@@ -418,15 +446,16 @@ def _validate(config: Config) -> None:
                 raise ConfigError(f"{where}.id: duplicate key id {key.id!r} (also {also})")
             seen_id[key.id] = where
             _validate_lifetime(key, where)
-    if not config.upstream.base_url.startswith(("http://", "https://")):
-        raise ConfigError("upstream.base_url: must start with http:// or https://")
-    if not config.store.url.startswith(("memory://", "redis://", "rediss://", "unix://",
-                                        "redis+sentinel://", "rediss+sentinel://",
-                                        "redis+cluster://", "rediss+cluster://")):
-        raise ConfigError(f"store.url: unsupported scheme in {config.store.url.split('://')[0]!r}")
+    problem = _base_url_problem(config.upstream.base_url)
+    if problem is not None:
+        raise ConfigError(f"upstream.base_url: {problem}")
+    problem = _store_url_problem(config.store.url)
+    if problem is not None:
+        raise ConfigError(f"store.url: {problem}")
     for name in config.teams:
-        if not _NAME.match(name):
-            raise ConfigError(f"teams.{name}: team names use letters, digits, '_', '.', '-'")
+        if not _NAME.fullmatch(name):
+            raise ConfigError(f"{_join('teams', name)}: team names use letters, digits, '_', "
+                              "'.', '-'")
     rpm = config.upstream.requests_per_minute
     if rpm is not None and config.upstream.burst > rpm:
         raise ConfigError("upstream.burst: must not exceed upstream.requests_per_minute")
@@ -437,9 +466,113 @@ def _validate(config: Config) -> None:
     for i, endpoint in enumerate(config.cache.endpoints):
         if endpoint.strip("/") != endpoint or not endpoint:
             raise ConfigError(f"cache.endpoints[{i}]: write the path without slashes at the ends")
+    token = config.metrics.bearer_token
+    problem = None if token is None else _token_problem(token, "token", MIN_TOKEN_CHARS)
+    if problem is not None:
+        raise ConfigError(f"metrics.bearer_token: {problem}")
+    problem = _api_key_problem(config.upstream.api_key)
+    if problem is not None:
+        raise ConfigError(f"upstream.api_key: {problem}")
     if config.auth.jwt is not None:
         _validate_jwt(config.auth.jwt)
     _validate_attribution(config.attribution)
+
+
+_VISIBLE = re.compile(r"[!-~]+")  # visible ASCII: no space, no control character
+_PORT = re.compile(r"[0-9]{1,5}")
+_NODE = re.compile(r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
+_DB = re.compile(r"[0-9]{1,5}")
+_STORE_SCHEMES = ("memory", "unix", "redis", "rediss", "redis+sentinel", "rediss+sentinel",
+                  "redis+cluster", "rediss+cluster")
+MAX_KEY_CHARS = 4096
+MIN_TOKEN_CHARS = 16
+
+
+def _api_key_problem(key: str) -> str | None:
+    """The upstream key goes into an `Authorization` header as is: it must be there, and be a
+    token of visible ASCII. Messages never show it."""
+    if not key.strip():
+        return ("is missing or empty: set the organisation's API in One key "
+                "(api_key: ${APIINONE_API_KEY})")
+    return _token_problem(key, "key", 1)
+
+
+def _token_problem(token: str, what: str, min_chars: int) -> str | None:
+    """A secret sent or compared as a Bearer token: visible ASCII, nothing around it."""
+    if token != token.strip():
+        return (f"has whitespace at its start or end (a secret file's trailing newline?); "
+                f"the {what} is not shown")
+    if not min_chars <= len(token) <= MAX_KEY_CHARS:
+        return f"must be {min_chars} to {MAX_KEY_CHARS} characters; the {what} is not shown"
+    if not _VISIBLE.fullmatch(token):
+        return ("must be visible ASCII characters only (no spaces, no control characters); "
+                f"the {what} is not shown")
+    return None
+
+
+def _port_problem(netloc: str) -> str | None:
+    """A port after the host (credentials and IPv6 brackets aside) must be 1-65535."""
+    tail = netloc.rpartition("@")[2].rpartition("]")[2]
+    if ":" not in tail:
+        return None
+    port = tail.rpartition(":")[2]
+    if _PORT.fullmatch(port) and 1 <= int(port) <= 65535:
+        return None
+    return f"the port must be 1-65535, got {port!r}"
+
+
+def _base_url_problem(url: str) -> str | None:
+    """http(s), a host, an optional port and path; no credentials, query or fragment."""
+    if not _VISIBLE.fullmatch(url):
+        return "must be a URL without spaces or control characters"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not url.lower().startswith(parts.scheme + "://"):
+        return "must start with http:// or https://"
+    if "@" in parts.netloc:
+        return "must not carry credentials (the key is upstream.api_key)"
+    if not parts.hostname:
+        return "names no host"
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        return "must have no query or fragment"
+    return _port_problem(parts.netloc)
+
+
+def _store_url_problem(url: str) -> str | None:
+    """The forms `gateway.store.open_store` reads; messages never show a password."""
+    if not _VISIBLE.fullmatch(url):
+        return "must be a URL without spaces or control characters"
+    scheme, sep, rest = url.partition("://")
+    if scheme not in _STORE_SCHEMES or not sep:
+        return f"unsupported scheme in {url.split('://')[0]!r}"
+    if scheme == "memory":
+        return "memory:// takes nothing after it" if rest else None
+    if scheme == "unix":
+        return None if len(rest) > 1 and rest.startswith("/") else "unix:// needs the socket's path"
+    if scheme in ("redis", "rediss"):
+        parts = urlsplit(url)
+        if not parts.hostname:
+            return "names no host"
+        db = parts.path.strip("/")
+        if db and not _DB.fullmatch(db):
+            return f"the database must be a number, got {db!r}"
+        return _port_problem(parts.netloc)
+    hosts, _, path = rest.rpartition("@")[2].partition("/")
+    if not hosts:
+        return "names no host"
+    for node in hosts.split(","):
+        match = _NODE.fullmatch(node)
+        if match is None or not 1 <= int(match.group(1)) <= 65535:
+            return f"each node must be host:port (port 1-65535), got {node!r}"
+    if scheme.endswith("+cluster"):
+        if path:
+            return "a cluster has no database number; write redis+cluster://host:port,..."
+        return None
+    service, _, db = path.partition("/")
+    if not service:
+        return "needs the service name: redis+sentinel://host:port,.../<service>[/db]"
+    if db and not _DB.fullmatch(db):
+        return f"the database must be a number, got {db!r}"
+    return None
 
 
 def _validate_lifetime(key: Key, where: str) -> None:

@@ -3,7 +3,8 @@
     GatewayError                  {"error": {"code", "message", "type"}}
     ├── InvalidRequest            400 invalid_request (bad JSON, missing model, bad header)
     │   ├── IdempotencyConflict   409 invalid_request (same Idempotency-Key still in flight)
-    │   └── IdempotencyMismatch   422 invalid_request (same Idempotency-Key, other body)
+    │   ├── IdempotencyMismatch   422 invalid_request (same Idempotency-Key, other body)
+    │   └── RequestTimeout        408 invalid_request (the body stalled; the connection closes)
     ├── MethodNotAllowed          405 invalid_request
     ├── AuthenticationError       401 authentication_error
     ├── InsufficientCredits       402 insufficient_credits (team budget spent)
@@ -12,7 +13,8 @@
     ├── RequestTooLarge           413 request_too_large
     ├── RateLimited               429 rate_limit (team quota, or the upstream allowance)
     ├── UpstreamUnavailable       502 / 503 / 504 upstream_unavailable
-    └── StoreUnavailable          503 store_unavailable
+    ├── StoreUnavailable          503 store_unavailable
+    └── ClientDisconnected        499 (the client went away: counted, never sent)
 
 Messages are written for the team's developers and never carry secrets or internal detail.
 """
@@ -64,6 +66,13 @@ class IdempotencyConflict(InvalidRequest):
 class IdempotencyMismatch(InvalidRequest):
     status = 422
     reason = "idempotency"
+
+
+class RequestTimeout(InvalidRequest):
+    status = 408
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
 
 
 class MethodNotAllowed(InvalidRequest):
@@ -124,3 +133,16 @@ class StoreUnavailable(GatewayError):
 
     def __init__(self, message: str = "The gateway's store is unreachable; retry shortly.") -> None:
         super().__init__(message, headers={"Retry-After": "1"})
+
+
+class ClientDisconnected(GatewayError):
+    """The client went away before its request was read: nginx's 499, for metrics and logs.
+
+    A `GatewayError` rather than a bare exception, so that every handler that answers errors
+    counts it as what it is (there is nobody left to send the answer to)."""
+
+    status = 499
+    type = "client_closed_request"
+
+    def __init__(self) -> None:
+        super().__init__("The client closed the connection before its request was read.")

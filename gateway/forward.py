@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from .asgi import Headers, Message, Receive, Reply, wait_disconnect
+from .asgi import Headers, Message, Receive, Reply, head_length, wait_disconnect
 from .errors import RateLimited, UpstreamUnavailable
 from .request import ParsedRequest
 from .runtime import Runtime
@@ -169,10 +169,13 @@ def _seen(rt: Runtime, req: ParsedRequest, seen: Upstreamed, status: str, starte
 
 
 def answer_headers(response: httpx.Response) -> Headers:
-    """The upstream's headers a client may see; `Retry-After` only where it means something."""
+    """The upstream's headers a client may see; `Retry-After` only where it means something,
+    and for a HEAD the length its GET would have had."""
     status = response.status_code
     headers = [(k, v) for k, v in response_headers(response.headers)
                if k != b"retry-after" or status in (429, 503)]
     if status == 429 and not any(k == b"retry-after" for k, _ in headers):
         headers.append((b"retry-after", b"1"))  # the contract promises one on every 429
+    if response.request.method == "HEAD":
+        headers += head_length(status, response.headers.raw)
     return headers

@@ -15,6 +15,9 @@ _BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+")
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, pid, the message (when there is one: the
+    access log has none), then the record's structured `fields`, which never replace those."""
+
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -23,11 +26,11 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "pid": record.process,
         }
-        fields = getattr(record, "fields", None)
-        if fields:
-            line.update(fields)
-        else:
-            line["message"] = record.getMessage()
+        message = record.getMessage()
+        if message:
+            line["message"] = message
+        for name, value in (getattr(record, "fields", None) or {}).items():
+            line.setdefault(name, value)
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
         return orjson.dumps(line).decode()

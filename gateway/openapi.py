@@ -299,13 +299,17 @@ def _site_paths() -> Json:
             "tags": ["probes"],
             "operationId": "metrics",
             "summary": "Prometheus metrics (text exposition format)",
-            "security": [],
-            "responses": {"200": {
-                "description": "The gateway's metrics; budgets are read from the store, so "
-                               "every replica reports the same.",
-                "headers": request_id,
-                "content": {"text/plain": {"schema": {"type": "string"}}},
-            }},
+            "security": [{}, {"metricsToken": []}],
+            "responses": {
+                "200": {
+                    "description": "The gateway's metrics; budgets are read from the store, "
+                                   "so every replica reports the same.",
+                    "headers": request_id,
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                "401": _error("`authentication_error`: `metrics.bearer_token` is set and the "
+                              "request does not carry it.", request_id),
+            },
         }},
         "/openapi.json": {"get": {
             "tags": ["probes"],
@@ -452,6 +456,8 @@ def _components() -> Json:
                                        "upstream's key."},
             "adminKey": {"type": "http", "scheme": "bearer",
                          "description": "An admin key from the config's `admin.keys`."},
+            "metricsToken": {"type": "http", "scheme": "bearer",
+                             "description": "`metrics.bearer_token`, when the config sets one."},
         },
         "parameters": {
             "IdempotencyKey": {

@@ -14,9 +14,8 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
-from . import forward, routes
+from . import forward, inbound, routes
 from .asgi import (
-    ClientDisconnected,
     Receive,
     Reply,
     Scope,
@@ -92,11 +91,9 @@ class Proxy:
         try:
             try:
                 reply = await self._answer(scope, receive, send, ex, path)
-            except GatewayError as exc:
+            except GatewayError as exc:  # a client gone mid-upload too: 499
                 reply = error_reply(exc)
                 ex.reason = ex.reason or exc.reason
-            except ClientDisconnected:
-                raise
             except Exception:  # a defect: still an answer in the error shape, and a log line
                 log.exception("unexpected error", extra={"fields": {
                     "request_id": request_id, "message": "unexpected error"}})
@@ -105,15 +102,14 @@ class Proxy:
                 reply = error_reply(GatewayError("The gateway failed to answer this request."))
             if reply is not None:
                 ex.status = reply.status
-                await send_reply(send, self._decorate(reply, ex))
-        except ClientDisconnected:
-            ex.status = 499
+                await send_reply(send, self._decorate(reply, ex), head=ex.method == "HEAD")
         finally:
             metrics.inflight.dec()
             self._observe(ex, time.perf_counter() - started)
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send, ex: Exchange,
                       path: str) -> Reply | None:
+        inbound.check(scope)  # control characters, repeated singleton headers: 400 first
         policy = self.rt.policy
         if ex.method not in METHODS:
             raise MethodNotAllowed(f"Method {ex.method} is not supported.")

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from . import routes
+from . import inbound, routes
 from .asgi import Headers
 from .budget import period_id, to_milli
 from .cache import canonical_json, client_directive, request_digest
@@ -18,8 +18,6 @@ from .settlement import Billing, Kind
 from .store.base import Admission, CacheRef, Reservation
 from .store.keys import digest as key_digest
 from .upstream import request_headers
-
-_JSON_TYPES = (b"application/json", b"application/x-www-form-urlencoded", b"text/plain")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +74,7 @@ def read_json(method: str, body: bytes, content_type: bytes | None
     """A POST's JSON document and its model (both required); None for other methods."""
     if method != "POST":
         return None, None
-    payload = _json_object(body, content_type)
+    payload = inbound.json_object(body, content_type)
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("The request body must carry a 'model' string.")
@@ -169,18 +167,3 @@ def _kind(method: str, path: str) -> Kind:
     if path.startswith(routes.TASKS + "/"):
         return Kind.POLL if method == "GET" else Kind.PEEK if method == "HEAD" else Kind.READ
     return Kind.READ
-
-
-def _json_object(body: bytes, content_type: bytes | None) -> dict[str, Any]:
-    if content_type is not None:
-        media = content_type.split(b";", 1)[0].strip().lower()
-        if media not in _JSON_TYPES and not media.endswith(b"+json"):
-            raise InvalidRequest("The request body must be JSON (Content-Type: application/json).",
-                                 status=415)
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("The request body is not valid JSON.") from None
-    if not isinstance(payload, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    return payload

@@ -16,8 +16,8 @@ ASYNC_ENDPOINTS = frozenset({
 ENDPOINTS = frozenset({CHAT, *ASYNC_ENDPOINTS})
 ROUTES = (*sorted(ENDPOINTS), TASKS, "other")
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9_~-][A-Za-z0-9._~-]*$")
-_TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_SEGMENT = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*")
+_TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 def route_of(path: str) -> str:
@@ -31,12 +31,12 @@ def route_of(path: str) -> str:
 
 def is_safe_path(path: str) -> bool:
     """Plain segments only: no empty, dot or dot-dot segments, no encoded tricks."""
-    return bool(path) and all(_SEGMENT.match(s) for s in path.split("/"))
+    return bool(path) and all(_SEGMENT.fullmatch(s) for s in path.split("/"))
 
 
 def task_id_of(path: str) -> str | None:
     """The id of `tasks/{id}`, or None when the path is not one task or the id is malformed."""
     prefix, _, task_id = path.partition("/")
-    if prefix != TASKS or not _TASK_ID.match(task_id):
+    if prefix != TASKS or not _TASK_ID.fullmatch(task_id):
         return None
     return task_id

@@ -2,8 +2,19 @@
 
 `HttpProtocol`: requests the HTTP parser cannot read (an unknown method token, CR/LF in a header)
 never reach the ASGI app; uvicorn answers them itself in plain text, and with httptools it
-accepts a URL and headers of any size. This subclass keeps uvicorn's behaviour, caps the head at
-`MAX_HEAD_BYTES` (as nginx's large_client_header_buffers does) and answers in the error shape.
+accepts a URL and headers of any size, and waits for a request head as long as the client
+likes (its keep-alive timeout only starts after an answer, and the first byte of a request
+stops it): a client that sends its head a byte at a time (slow loris) holds a connection
+forever. This subclass keeps uvicorn's behaviour, caps the head at `MAX_HEAD_BYTES` (as nginx's
+large_client_header_buffers does), bounds the time a head may take (`head_timeout_s`, counted
+from the connection or the previous answer, as nginx's client_header_timeout) and answers in
+the error shape: 400 or 431, 408 for a head cut off mid-way (a connection that sent nothing is
+closed silently: an unasked-for 408 would be read by a pooling client as the answer to its
+next request).
+
+WebSockets are off (`ws="none"`): the gateway serves none, and uvicorn, with a WebSocket
+library installed, would otherwise take any `Upgrade: websocket` and refuse it with a bodiless
+403; the request is now an ordinary one (the hop-by-hop `Upgrade` is not forwarded).
 
 `Server`: on SIGTERM uvicorn stops accepting, lets in-flight requests finish (up to the grace
 period) and runs the app's shutdown, which settles their charges; it then raises the signal
@@ -12,8 +23,10 @@ again, so the process would end with status 143. A gateway that finished its wor
 
 from __future__ import annotations
 
+import asyncio
 import os
 from types import FrameType
+from typing import Any
 
 import httptools
 import uvicorn
@@ -25,15 +38,70 @@ from .errors import error_body
 APP = "gateway.app:create_app_from_env"
 
 MAX_HEAD_BYTES = 32 * 1024
+HEAD_TIMEOUT_S = 10.0
+
+
+class Config(uvicorn.Config):
+    """uvicorn's config, and how long a request head may take to arrive."""
+
+    def __init__(self, app: Any, *, head_timeout_s: float = HEAD_TIMEOUT_S, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.head_timeout_s = head_timeout_s
 
 
 class HttpProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _head_too_large = False
+    _head_started = False
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        self._head_timeout_s = (config.head_timeout_s if isinstance(config, Config)
+                                else HEAD_TIMEOUT_S)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        pipelined = bool(self.pipeline)  # its head has arrived already
+        super().on_response_complete()
+        if not pipelined and not self.transport.is_closing():
+            self._await_head()
+
+    def _await_head(self) -> None:
+        self._stop_head_timer()
+        self._head_started = False
+        self._head_timer = self.loop.call_later(self._head_timeout_s, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_started:
+            self._refuse(408, b"Request Timeout", "The request's head did not arrive within "
+                         f"{self._head_timeout_s:g} seconds.")
+        else:
+            self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
+        self._head_started = True
+
+    def on_headers_complete(self) -> None:
+        self._stop_head_timer()
+        super().on_headers_complete()
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
@@ -51,11 +119,15 @@ class HttpProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         if self._head_too_large:
-            status, reason = 431, b"Request Header Fields Too Large"
-            message = f"The request's URL and headers exceed {MAX_HEAD_BYTES} bytes."
+            self._refuse(431, b"Request Header Fields Too Large",
+                         f"The request's URL and headers exceed {MAX_HEAD_BYTES} bytes.")
         else:
-            status, reason = 400, b"Bad Request"
-            message = "The request is not valid HTTP (method, URL or headers)."
+            self._refuse(400, b"Bad Request",
+                         "The request is not valid HTTP (method, URL or headers).")
+
+    def _refuse(self, status: int, reason: bytes, message: str) -> None:
+        """Answer in the error shape and close: what follows on the connection is unreadable."""
+        self._stop_head_timer()
         body = error_body(status, message, "invalid_request")
         head = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         for name, value in self.server_state.default_headers:
@@ -77,12 +149,12 @@ class Server(uvicorn.Server):
         self._captured_signals.clear()
 
 
-def serve(*, host: str, port: int, workers: int, grace_s: float) -> int:
+def serve(*, host: str, port: int, workers: int, grace_s: float, head_timeout_s: float) -> int:
     """Serve until SIGTERM or SIGINT; the exit status is 0 after a graceful shutdown."""
-    config = uvicorn.Config(
+    config = Config(
         APP, factory=True, host=host, port=port, workers=workers, loop="uvloop",
-        http=HttpProtocol, log_config=None, access_log=False, server_header=False,
-        timeout_graceful_shutdown=int(grace_s),
+        http=HttpProtocol, ws="none", log_config=None, access_log=False, server_header=False,
+        timeout_graceful_shutdown=int(grace_s), head_timeout_s=head_timeout_s,
     )
     if workers > 1:
         Multiprocess(config, sockets=[config.bind_socket()]).run()

@@ -270,6 +270,7 @@ class ServerThread:
         self.server = uvicorn.Server(uvicorn.Config(
             app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
             lifespan="on", timeout_graceful_shutdown=5, loop="asyncio", http=HttpProtocol,
+            ws="none",  # as gateway.server.serve
         ))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -414,7 +415,9 @@ class RunningGateway:
         return self.client.request(method, f"/admin/v1/{path}", headers=headers, **kw)
 
     def metrics(self) -> str:
-        return self.client.get("/metrics").text
+        token = self.runtime.policy.config.metrics.bearer_token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return self.client.get("/metrics", headers=headers).text
 
     def drain(self, timeout: float = 20) -> None:
         """Wait until the bookkeeping of every answered request has reached the store."""

@@ -80,6 +80,17 @@ def test_ledger_pages(gateway: RunningGateway) -> None:
     assert gateway.admin("GET", "teams/research/ledger?after=zz").status_code == 400
 
 
+@pytest.mark.parametrize("limit", ["5%0A", "%205", "1_0", "%D9%A5", "+5", "5.0", ""])
+def test_ledger_limit_is_a_plain_number(gateway: RunningGateway, limit: str) -> None:
+    """Regression (issue 12, defect 3): `int()` took a trailing newline, spaces, underscores
+    and non-ASCII digits; only ASCII digits (and a minus sign) cross the boundary now."""
+    answer = gateway.admin("GET", f"teams/research/ledger?limit={limit}")
+    assert answer.status_code == 400, answer.text
+    assert error_of(answer)["type"] == "invalid_request"
+    for clamped in ("0", "-3", "5000"):  # out of range is brought into 1..1000, as documented
+        assert gateway.admin("GET", f"teams/research/ledger?limit={clamped}").status_code == 200
+
+
 def test_revoking_a_key(gateway: RunningGateway, mock: Mock) -> None:
     assert gateway.chat("before").status_code == 200
     revoked = gateway.admin("POST", "keys/research-key/revoke")

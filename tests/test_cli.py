@@ -29,7 +29,8 @@ def test_keys_new_prints_a_key_once_and_its_config_line() -> None:
     line = out.stdout.strip().splitlines()[-1]
     entry = yaml.safe_load(line)[0]
     assert entry["sha256"] == hash_key(key) and entry["id"].startswith("research-")
-    config = cfg.from_dict({"teams": {"research": {"keys": [entry]}}})
+    config = cfg.from_dict({"upstream": {"api_key": "aio_k"},
+                            "teams": {"research": {"keys": [entry]}}})
     principal = asyncio.run(Policy(config).auth.authenticate(f"Bearer {key}".encode(), 0.0))
     assert (principal.team, principal.key_id) == ("research", entry["id"])
     assert run("keys", "new", "--team", "research").stdout != out.stdout  # fresh every time

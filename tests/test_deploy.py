@@ -441,7 +441,7 @@ EVERYTHING: dict[str, Any] = {  # every optional template on
     "upstream": {"apiKey": API_KEY}, "redis": {"url": "redis://redis:6379/0"}, "replicaCount": 3,
     "workers": 2, "autoscaling": {"enabled": True}, "serviceMonitor": {"enabled": True},
     "grafanaDashboard": {"enabled": True}, "prometheusRule": {"enabled": True},
-    "alertRulesConfigMap": {"enabled": True},
+    "alertRulesConfigMap": {"enabled": True}, "metrics": {"bearerToken": "m" * 24},
     "ledger": {"url": "postgresql://gateway:pg_secret@postgres:5432/aio"},
 }
 
@@ -630,3 +630,41 @@ def test_helm_config_or_key_change_rolls_the_pods(
     assert after["checksum/secret"] == before["checksum/secret"]
     rotated = checksums(render(upstream={"apiKey": API_KEY + "-rotated"}))
     assert rotated["checksum/secret"] != before["checksum/secret"]
+
+
+@needs_helm
+def test_helm_metrics_token_from_the_charts_secret_or_yours() -> None:
+    """/metrics behind a bearer token: the pods get it as METRICS_TOKEN, the config reads it
+    from there, the ServiceMonitor sends it; never in clear in a manifest."""
+    token = "metrics-token-" + "x" * 20
+    m = render(metrics={"bearerToken": token}, serviceMonitor={"enabled": True})
+    secret = only(m, "Secret")
+    assert base64.b64decode(secret["data"]["metrics-token"]).decode() == token
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(m)["env"]
+           if "valueFrom" in e}
+    assert env["METRICS_TOKEN"] == {"name": secret["metadata"]["name"], "key": "metrics-token"}
+    config = cfg.parse(rendered_config(m), env={"APIINONE_API_KEY": API_KEY,
+                                                "METRICS_TOKEN": token})
+    assert config.metrics.bearer_token == token
+    auth = only(m, "ServiceMonitor")["spec"]["endpoints"][0]["authorization"]
+    assert auth == {"type": "Bearer", "credentials": env["METRICS_TOKEN"]}
+    assert token not in json.dumps(m)
+
+    m = render(upstream={"existingSecret": "org-apiinone"},
+               metrics={"existingSecret": "org-metrics", "existingSecretKey": "token"},
+               serviceMonitor={"enabled": True})
+    assert "Secret" not in m
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(m)["env"]
+           if "valueFrom" in e}
+    assert env["METRICS_TOKEN"] == {"name": "org-metrics", "key": "token"}
+    monitor = only(m, "ServiceMonitor")["spec"]["endpoints"][0]
+    assert monitor["authorization"]["credentials"] == env["METRICS_TOKEN"]
+
+    m = render(serviceMonitor={"enabled": True})  # no token: open, as before
+    assert "METRICS_TOKEN" not in {e["name"] for e in container(m)["env"]}
+    assert "authorization" not in only(m, "ServiceMonitor")["spec"]["endpoints"][0]
+    assert cfg.parse(rendered_config(m), env={"APIINONE_API_KEY": API_KEY}).metrics == (
+        cfg.Metrics())
+
+    with pytest.raises(HelmError, match=re.escape("metrics.bearerToken")):
+        render(config={"metrics": {"bearer_token": token}})

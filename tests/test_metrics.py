@@ -171,3 +171,32 @@ def test_access_log_has_one_line_per_request_and_no_secret(redis_server: RedisSe
     for secret in (*KEYS.values(), ADMIN_KEY, "not-a-key", "private words",
                    base_config("x")["upstream"]["api_key"]):
         assert secret not in log
+
+
+METRICS_TOKEN = "metrics-token-0123456789abcdef"
+
+
+def test_metrics_can_require_a_bearer_token(make_gateway: GatewayFactory, mock: Mock) -> None:
+    """Regression (issue 12, defect 9): /metrics showed every team's budget to anyone who
+    reached the port. With `metrics.bearer_token`, only that token reads it."""
+    gateway = make_gateway(metrics={"bearer_token": METRICS_TOKEN})
+    assert gateway.chat("counted").status_code == 200
+    for authorization in (None, "Bearer nope", f"Bearer {METRICS_TOKEN}x", METRICS_TOKEN,
+                          f"Basic {METRICS_TOKEN}", f"Bearer {KEYS['research']}",
+                          f"Bearer {ADMIN_KEY}"):
+        headers = {"Authorization": authorization} if authorization else {}
+        refused = gateway.client.get("/metrics", headers=headers)
+        assert refused.status_code == 401, (authorization, refused.text)
+        assert refused.json()["error"]["type"] == "authentication_error"
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+        assert "gateway_" not in refused.text
+    scraped = gateway.client.get("/metrics",
+                                 headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert scraped.status_code == 200
+    assert 'gateway_requests_total{cache="miss",route="chat/completions"' in scraped.text
+    assert gateway.client.get("/healthz").status_code == 200  # probes stay open
+
+
+def test_metrics_are_open_without_a_token(make_gateway: GatewayFactory) -> None:
+    gateway = make_gateway()
+    assert gateway.client.get("/metrics").status_code == 200

@@ -36,6 +36,7 @@ from .conftest import (
 
 DASHBOARD = ROOT / "grafana/aio-gateway-dashboard.json"
 RULES = ROOT / "prometheus/aio-gateway-rules.yaml"
+PROMETHEUS_EXAMPLE = ROOT / "prometheus/prometheus.example.yml"
 RULE_TESTS = sorted((ROOT / "prometheus/tests").glob("*.yaml"))
 CHART = ROOT / "helm/aio-gateway"
 CHART_DASHBOARD = CHART / "files/grafana-dashboard.json"
@@ -328,19 +329,34 @@ def test_gateway_metrics_pass_promtool_check_metrics(make_gateway: GatewayFactor
     assert result.stdout + result.stderr == ""  # promtool prints each problem it finds
 
 
+def scrape_config(targets: list[str], token_file: Path | None) -> dict[str, Any]:
+    """prometheus/prometheus.example.yml, pointed at `targets` (1 s intervals, the repository's
+    rules, the metrics token read from `token_file`, or none)."""
+    config = yaml.safe_load(PROMETHEUS_EXAMPLE.read_text())
+    assert config["rule_files"] == [RULES.name]
+    config["rule_files"] = [str(RULES)]
+    config["global"] = {"scrape_interval": "1s", "scrape_timeout": "1s",
+                        "evaluation_interval": "1s"}
+    (job,) = config["scrape_configs"]
+    job["static_configs"] = [{"targets": targets}]
+    if token_file is None:
+        del job["authorization"]
+    else:
+        job["authorization"]["credentials_file"] = str(token_file)
+    return config  # type: ignore[no-any-return]
+
+
 class Prometheus:
     """A private Prometheus server on a free port, scraping `targets` every second."""
 
-    def __init__(self, tmp: Path, targets: list[str]) -> None:
+    def __init__(self, tmp: Path, targets: list[str], token: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = {
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s",
-                       "evaluation_interval": "1s"},
-            "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": "gateway",
-                                "static_configs": [{"targets": targets}]}],
-        }
+        token_file = None
+        if token is not None:
+            token_file = tmp / "metrics-token"
+            token_file.write_text(token)
+        config = scrape_config(targets, token_file)
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log_path = tmp / "prometheus.log"
         self._log = self.log_path.open("wb")
@@ -407,11 +423,11 @@ class Prometheus:
 
 
 @pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[Callable[[list[str]], Prometheus]]:
+def prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
     started: list[Prometheus] = []
 
-    def start(targets: list[str]) -> Prometheus:
-        server = Prometheus(tmp_path, targets)
+    def start(targets: list[str], token: str | None = None) -> Prometheus:
+        server = Prometheus(tmp_path, targets, token)
         started.append(server)
         return server
 
@@ -470,13 +486,15 @@ def values_by(results: list[dict[str, Any]], *labels: str) -> dict[Any, float]:
 
 def test_every_dashboard_query_answers_with_the_traffic_sent(
         private_redis: RedisServer, make_gateway: GatewayFactory, mock: Mock,
-        prometheus: Callable[[list[str]], Prometheus]) -> None:
+        prometheus: Callable[..., Prometheus]) -> None:
+    token = "metrics-token-for-prometheus-0123"  # scraped as prometheus.example.yml says
     gateway = make_gateway(private_redis.url, store={"on_error": "open"}, teams={
         "research": team_config("research", budget={"credits": 14, "period": "month"}),
         "marketing": team_config("marketing", requests_per_day=3,
                                  budget={"credits": 1000, "period": "month"}),
-    })
-    prom = prometheus([gateway.url.removeprefix("http://")])
+    }, metrics={"bearer_token": token})
+    assert gateway.client.get("/metrics").status_code == 401
+    prom = prometheus([gateway.url.removeprefix("http://")], token=token)
 
     # Round one creates every series the checks below read, so that the second round's
     # increase is exact (Prometheus cannot see a counter's rise from nothing to its first value).

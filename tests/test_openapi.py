@@ -19,6 +19,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -245,17 +246,41 @@ def api_schema(fuzz_gateway: RunningGateway, known: dict[str, str]) -> Any:
 schema = schemathesis.pytest.from_fixture("api_schema")
 
 
+@pytest.fixture
+def reached(fuzz_gateway: RunningGateway) -> Iterator[dict[tuple[str, str], set[int]]]:
+    """Statuses each operation answered to the right key (a team's on the API, the admin's on
+    the admin API). At the end, every operation of the document (but the document itself) must
+    have been fuzzed, and each must have got past authentication at least once: a run that
+    only ever met 401 would prove nothing about what lies behind it."""
+    seen: dict[tuple[str, str], set[int]] = {}
+    yield seen
+    fuzzed = documented_operations(openapi.document()) - {("/openapi.json", "GET")}
+    assert set(seen) == fuzzed, sorted(fuzzed - set(seen))
+    locked = {op: statuses for op, statuses in seen.items() if not statuses - {401, 403}}
+    assert not locked, locked
+
+
 @schema.parametrize()
 @settings(deadline=None, suppress_health_check=list(HealthCheck), database=None)
 def test_fuzz_the_running_gateway(case: Any, fuzz_gateway: RunningGateway,
-                                  known: dict[str, str]) -> None:
+                                  known: dict[str, str],
+                                  reached: dict[tuple[str, str], set[int]]) -> None:
+    """Every operation, the admin API with an admin key included: no 5xx, and every answer
+    what the document says (`CHECKS`)."""
     authorization = credentials(case, known)
     case.headers = {k: v for k, v in (case.headers or {}).items() if k.lower() != "authorization"}
     if authorization is not None:
         case.headers["Authorization"] = authorization
     if case.path == "/api/v1/chat/completions" and isinstance(case.body, dict):
         case.body = {**case.body, "mock_chunk_delay_s": 0}  # a mock hook: no pauses in streams
-    case.validate_response(case.call(timeout=10), checks=CHECKS)
+    answer = case.call(timeout=10)
+    operation = (case.operation.path, case.operation.method.upper())
+    statuses = reached.setdefault(operation, set())
+    right = ADMIN_KEY if case.path.startswith("/admin/") else KEYS["research"]
+    open_path = case.path in ("/healthz", "/readyz", "/metrics")
+    if case.method.upper() == operation[1] and (open_path or authorization == f"Bearer {right}"):
+        statuses.add(answer.status_code)
+    case.validate_response(answer, checks=CHECKS)
 
 
 # -- hand-made requests through the same checks --------------------------------------------------

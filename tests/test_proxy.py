@@ -396,3 +396,56 @@ def test_a_defect_still_answers_in_the_error_shape(mock: Mock,
     assert "a bug" not in response.text
     assert any("unexpected error" in r.getMessage() for r in caplog.records)
     assert mock.upstream_calls() == 0
+
+
+# -- framing: HEAD and 204 -----------------------------------------------------------------------
+
+
+async def framing_upstream(scope: Any, receive: Any, send: Any) -> None:
+    """An upstream for framing tests: `head`, `gzip` (a HEAD answer with a length the gateway
+    would not send, the body being decoded on the way) and `empty` (204)."""
+    if scope["type"] != "http":
+        return
+    name = scope["path"].rsplit("/", 1)[-1]
+    headers = [(b"content-type", b"application/json")]
+    status, body = 200, b'{"id": "task_1", "status": "completed"}'
+    if name == "empty":
+        status, body, headers = 204, b"", []
+    elif name == "gzip":
+        headers.append((b"content-encoding", b"gzip"))
+    length = b"" if status == 204 else str(len(body) + (7 if name == "gzip" else 0)).encode()
+    if length:
+        headers.append((b"content-length", length))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body",
+                "body": b"" if scope["method"] == "HEAD" else body})
+
+
+@pytest.fixture
+def framing_gateway(make_gateway: GatewayFactory) -> Any:
+    upstream = ServerThread(framing_upstream).start()
+    yield make_gateway(upstream_url=f"{upstream.url}/api/v1")
+    upstream.stop()
+
+
+def test_head_carries_the_upstreams_length_or_none(framing_gateway: RunningGateway) -> None:
+    """Regression (issue 12, defect 9): every HEAD answer said `content-length: 0`."""
+    head = framing_gateway.call("HEAD", "things/head")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(b'{"id": "task_1", "status": "completed"}'))
+    # gzip: the upstream's length is that of its encoded body, which the gateway does not send
+    assert "content-length" not in framing_gateway.call("HEAD", "things/gzip").headers
+    # an answer the gateway makes itself has the length its GET would have
+    refused = framing_gateway.call("HEAD", "things/head", headers={"Authorization": "Bearer x"})
+    get = framing_gateway.call("GET", "things/head", headers={"Authorization": "Bearer x"})
+    assert refused.status_code == get.status_code == 401
+    assert refused.headers["content-length"] == str(len(get.content))
+
+
+def test_204_carries_no_content_length(framing_gateway: RunningGateway) -> None:
+    """Regression (issue 12, defect 9): RFC 9110 (8.6): no Content-Length on a 204."""
+    for method in ("POST", "DELETE", "GET"):
+        body = {"json": {"model": "gemini"}} if method == "POST" else {}
+        answer = framing_gateway.call(method, "things/empty", **body)
+        assert answer.status_code == 204, answer.text
+        assert "content-length" not in answer.headers, (method, answer.headers)

@@ -48,6 +48,30 @@ api-key
 {{- end }}
 {{- end }}
 
+{{/* The Secret and key that hold the metrics token; empty when /metrics is open. */}}
+{{- define "aio-gateway.metricsTokenSecretName" -}}
+{{- if .Values.metrics.existingSecret }}
+{{- .Values.metrics.existingSecret }}
+{{- else if .Values.metrics.bearerToken }}
+{{- include "aio-gateway.fullname" . }}
+{{- end }}
+{{- end }}
+
+{{- define "aio-gateway.metricsTokenSecretKey" -}}
+{{- if .Values.metrics.existingSecret }}
+{{- .Values.metrics.existingSecretKey }}
+{{- else -}}
+metrics-token
+{{- end }}
+{{- end }}
+
+{{/* Whether the chart's own Secret is rendered: the upstream key, the metrics token or both. */}}
+{{- define "aio-gateway.ownSecret" -}}
+{{- if or (not .Values.upstream.existingSecret) (and .Values.metrics.bearerToken (not .Values.metrics.existingSecret)) -}}
+true
+{{- end }}
+{{- end }}
+
 {{/*
 store.url for the rendered config: the Redis URL from a Secret (through the environment), else
 redis.url, else the config's own store.url, else memory://.
@@ -64,7 +88,7 @@ ${AIO_GATEWAY_REDIS_URL}
 
 {{/*
 Refuse combinations that cannot work: several pods or workers on the per-process memory://
-store, an upstream key in the config itself, no upstream key at all.
+store, an upstream key or a metrics token in the config itself, no upstream key at all.
 */}}
 {{- define "aio-gateway.validate" -}}
 {{- $memory := hasPrefix "memory://" (include "aio-gateway.storeUrl" .) }}
@@ -82,6 +106,9 @@ store, an upstream key in the config itself, no upstream key at all.
 {{- end }}
 {{- if hasKey (.Values.config.ledger | default dict) "url" }}
 {{- fail "config.ledger.url must not be set: the URL holds a password; give it in ledger.url or ledger.existingSecret" }}
+{{- end }}
+{{- if hasKey (get (.Values.config | default dict) "metrics" | default dict) "bearer_token" }}
+{{- fail "config.metrics.bearer_token must not be set: give the token in metrics.bearerToken or metrics.existingSecret (the chart renders ${METRICS_TOKEN})" }}
 {{- end }}
 {{- if and (not .Values.upstream.apiKey) (not .Values.upstream.existingSecret) }}
 {{- fail "set upstream.apiKey (the chart creates a Secret) or upstream.existingSecret (a Secret you manage)" }}
@@ -102,6 +129,11 @@ ledger on) ledger.url set. */}}
 {{- $ledger := deepCopy (get $config "ledger" | default dict) }}
 {{- $_ := set $ledger "url" "${AIO_GATEWAY_LEDGER_URL}" }}
 {{- $_ := set $config "ledger" $ledger }}
+{{- end }}
+{{- if include "aio-gateway.metricsTokenSecretName" . }}
+{{- $metrics := deepCopy (get $config "metrics" | default dict) }}
+{{- $_ := set $metrics "bearer_token" "${METRICS_TOKEN}" }}
+{{- $_ := set $config "metrics" $metrics }}
 {{- end }}
 {{- toYaml $config }}
 {{- end }}
@@ -127,6 +159,13 @@ the gateway and the ledger migration Job.
     secretKeyRef:
       name: {{ include "aio-gateway.apiKeySecretName" . }}
       key: {{ include "aio-gateway.apiKeySecretKey" . }}
+{{- if include "aio-gateway.metricsTokenSecretName" . }}
+- name: METRICS_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "aio-gateway.metricsTokenSecretName" . }}
+      key: {{ include "aio-gateway.metricsTokenSecretKey" . }}
+{{- end }}
 {{- if .Values.redis.existingSecret }}
 - name: AIO_GATEWAY_REDIS_URL
   valueFrom:
