@@ -14,7 +14,8 @@ RULES = {"project": {"pattern": "^[a-z0-9-]{1,32}$"}, "env": {"values": ["dev", 
 
 
 def rules(max_tags: int = 8, tags: dict[str, Any] | None = None) -> TagRules:
-    config = cfg.from_dict({"attribution": {"tags": RULES if tags is None else tags,
+    config = cfg.from_dict({"upstream": {"api_key": "aio_k"},
+                            "attribution": {"tags": RULES if tags is None else tags,
                                             "max_tags": max_tags}})
     return TagRules(config.attribution)
 
@@ -90,5 +91,5 @@ def test_no_tags_configured_ignores_every_tag() -> None:
 ])
 def test_attribution_config_is_strict(attribution: dict[str, Any], message: str) -> None:
     with pytest.raises(cfg.ConfigError) as error:
-        cfg.from_dict({"attribution": attribution})
+        cfg.from_dict({"upstream": {"api_key": "aio_k"}, "attribution": attribution})
     assert str(error.value).startswith(message)

@@ -128,7 +128,7 @@ def key_config(**fields: Any) -> str:
 
 
 def test_times_in_the_config() -> None:
-    text = ("teams: {t: {keys: [{id: k, sha256: '" + "a" * 64 + "', "
+    text = ("upstream: {api_key: aio_k}\nteams: {t: {keys: [{id: k, sha256: '" + "a" * 64 + "', "
             "not_before: 2027-03-01T00:00:00+02:00, expires_at: '2027-03-02T00:00:00.5Z'}]}}")
     key = cfg.parse(text, {}).teams["t"].keys[0]
     assert key.not_before == datetime(2027, 2, 28, 22, 0, tzinfo=UTC)

@@ -109,7 +109,8 @@ def test_a_bad_ledger_url_is_refused_without_echoing_it(url: Any, message: str) 
 
 def test_the_ledger_url_is_read_from_the_environment_and_never_shown() -> None:
     url = f"postgresql://aio:{PASSWORD}@db:5432/aio?sslmode=require"
-    config = cfg.parse("ledger: {url: '${LEDGER_URL}'}\n", env={"LEDGER_URL": url})
+    config = cfg.parse("upstream: {api_key: aio_k}\nledger: {url: '${LEDGER_URL}'}\n",
+                       env={"LEDGER_URL": url})
     assert config.ledger.url == url
     assert PASSWORD not in repr(config)
     db = LedgerDB(url)

@@ -95,7 +95,8 @@ def test_rotate_keeps_earlier_grace_periods_and_the_key_lifetime(
              "previous": [{"sha256": hash_key("older"), "expires_at": later.isoformat()},
                           {"sha256": hash_key("oldest"), "expires_at": gone.isoformat()}]}
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"teams": {"research": {"keys": [entry]}}}))
+    path.write_text(yaml.safe_dump({"upstream": {"api_key": "aio_k"},
+                                    "teams": {"research": {"keys": [entry]}}}))
     code, out, _ = rotate(capsys, "--team", "research", "--id", "ci", "--config", str(path),
                           "--grace", "2h")
     assert code == 0
@@ -104,7 +105,8 @@ def test_rotate_keeps_earlier_grace_periods_and_the_key_lifetime(
     end = datetime.fromisoformat(fields["previous"][0]["expires_at"])
     assert now + timedelta(hours=2) <= end <= datetime.now(UTC) + timedelta(hours=2)
     entry.update(fields)
-    config = cfg.from_dict({"teams": {"research": {"keys": [entry]}}})  # the result is valid
+    config = cfg.from_dict({"upstream": {"api_key": "aio_k"},  # the result is valid
+                            "teams": {"research": {"keys": [entry]}}})
     assert config.teams["research"].keys[0].sha256 == hash_key(new)
 
     code, _, err = rotate(capsys, "--team", "research", "--id", "ci", "--config", str(path),
@@ -121,7 +123,8 @@ def test_rotate_without_the_config_prints_a_placeholder(capsys: pytest.CaptureFi
     assert fields["previous"][0]["sha256"] == "<the sha256 now under id laptop>"
     entry = {"id": "laptop", **fields}
     with pytest.raises(cfg.ConfigError, match=r"previous\[0\]\.sha256: must be 64 lowercase hex"):
-        cfg.from_dict({"teams": {"research": {"keys": [entry]}}})  # pasted as is: refused
+        cfg.from_dict({"upstream": {"api_key": "aio_k"},  # pasted as is: refused
+                       "teams": {"research": {"keys": [entry]}}})
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -146,7 +149,7 @@ def test_rotate_refuses_bad_arguments(capsys: pytest.CaptureFixture[str], args: 
 
 def test_rotate_an_unknown_key_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"teams": {"research": {"keys": [
+    path.write_text(yaml.safe_dump({"upstream": {"api_key": "aio_k"}, "teams": {"research": {"keys": [
         {"id": "a", "sha256": "a" * 64}]}}}))
     for team, key_id in (("research", "b"), ("nobody", "a")):
         code, out, err = rotate(capsys, "--team", team, "--id", key_id, "--config", str(path))
