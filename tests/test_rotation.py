@@ -149,8 +149,9 @@ def test_rotate_refuses_bad_arguments(capsys: pytest.CaptureFixture[str], args: 
 
 def test_rotate_an_unknown_key_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"upstream": {"api_key": "aio_k"}, "teams": {"research": {"keys": [
-        {"id": "a", "sha256": "a" * 64}]}}}))
+    path.write_text(yaml.safe_dump({"upstream": {"api_key": "aio_k"},
+                                    "teams": {"research": {"keys": [
+                                        {"id": "a", "sha256": "a" * 64}]}}}))
     for team, key_id in (("research", "b"), ("nobody", "a")):
         code, out, err = rotate(capsys, "--team", team, "--id", key_id, "--config", str(path))
         assert code == 2 and f"no key {key_id!r} under teams.{team}.keys" in err and not out
