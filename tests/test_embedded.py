@@ -303,8 +303,10 @@ def _generators() -> dict[str, Callable[[random.Random], list[bytes]]]:
     }
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_random_commands_reply_as_redis_does(pair: Pair, seed: int) -> None:
+@pytest.mark.parametrize(("seed", "via"), [(1, "command"), (2, "command"), (3, "command"),
+                                          (4, "script"), (5, "script")])
+def test_random_commands_reply_as_redis_does(pair: Pair, seed: int, via: str) -> None:
+    """Sent directly, or from a script (`redis.pcall`: the reply crosses into Lua and back)."""
     rnd = random.Random(seed)
     generators = _generators()
     names = sorted(generators)
@@ -314,7 +316,10 @@ def test_random_commands_reply_as_redis_does(pair: Pair, seed: int) -> None:
         if rnd.random() < 0.02:
             args = args[:rnd.randint(0, len(args))]  # arity errors
         spelled = name.lower() if rnd.random() < 0.3 else name
-        ours, theirs = pair.command(spelled, *args)
+        if via == "command":
+            ours, theirs = pair.command(spelled, *args)
+        else:
+            ours, theirs = pair.script("return redis.pcall(unpack(ARGV))", (), (spelled, *args))
         if name == "SMEMBERS" and isinstance(theirs, list):
             ours, theirs = sorted(ours), sorted(theirs)
         if name in ("PTTL", "TTL"):
@@ -323,6 +328,31 @@ def test_random_commands_reply_as_redis_does(pair: Pair, seed: int) -> None:
             same = ours == theirs and type(ours) is type(theirs)
         assert same, f"step {step}: {name} {args!r}: ours {ours!r}, redis {theirs!r}"
     assert_same_keyspace(pair)
+    assert_sizes_add_up(pair.ours)
+
+
+def assert_sizes_add_up(r: EmbeddedRedis) -> None:
+    """The running byte counts equal a recount from scratch."""
+    from gateway.store.embedded import hashes, keyspace, sets, streams, zsets
+
+    ks = r._keyspace
+    total = volatile = 0
+    for key, value in ks.data.items():
+        if isinstance(value, hashes.Hash):
+            assert value.size == sum(hashes.FIELD_COST + len(f) + len(v) for f, v in value.items())
+        elif isinstance(value, sets.Set):
+            assert value.size == sum(sets.MEMBER_COST + len(m) for m in value)
+        elif isinstance(value, zsets.ZSet):
+            assert value.size == sum(zsets.MEMBER_COST + len(m) for m in value.scores)
+            assert value.order == sorted((s, m) for m, s in value.scores.items())
+        elif isinstance(value, streams.Stream):
+            live = value.entries[value.head:]
+            assert value.size == sum(streams.ENTRY_COST + sum(map(len, e or ())) for e in live)
+        size = keyspace.cost(key, value)
+        total += size
+        volatile += size if key in ks.expires else 0
+    assert (ks.bytes, ks.volatile_bytes) == (total, volatile)
+    assert sum(len(queue) for queue in ks._queues.values()) == len(ks.expires)
 
 
 def test_unknown_commands_and_arity(pair: Pair) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -101,15 +101,17 @@ class Scripting:
                                 + message.replace("\n", " "))
         return result
 
-    def run(self, function: Any, sha: bytes, keys: Sequence[bytes], args: Sequence[bytes]) -> Any:
+    def run(self, function: Any, sha: bytes, keys: list[bytes], args: list[bytes]) -> Any:
         """The script's reply, converted as Redis converts it; an error reply raises."""
         if len(keys) + len(args) <= _VARARGS:
             result = self._run(function, sha, len(keys), *keys, *args)
         else:
             result = self._run_tables(function, sha, self.table(keys), self.table(args))
         if result[0]:
-            reply = result[1]
-            if isinstance(reply, ResponseError):
+            if result[1]:  # an array of plain values, as values
+                return list(result[2:])
+            reply = result[2]
+            if reply.__class__ is ResponseError:
                 raise reply
             return reply
         if result[2] is not None:
