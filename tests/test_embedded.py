@@ -551,7 +551,7 @@ CONTEXT = b'{"team":"t","key_id":"k","model":"m","route":"chat/completions","req
 
 
 def _admission(ticket: str, **kw: Any) -> Admission:
-    return Admission(team="t", key_id="k", ticket=ticket, hold_ms=10_000, **kw)
+    return Admission(team="t", key_id="k", ticket=ticket, hold_ms=600_000, **kw)
 
 
 def _reserve(ticket: str, amount: int, period: str = "m2026-11") -> Reservation:
@@ -562,8 +562,9 @@ async def _store_walk(store: RedisStore) -> list[Verdict]:
     """The store's operations, each kind of outcome at least once."""
     ref = CacheRef("chat/completions", "d" * 64)
     shared = CacheRef("chat/completions", "f" * 64, shared=True)
-    quota = Quota("minute", 3, 60.0)
-    pace = Pace(interval_ms=10_000.0, burst=2, queue_ms=15_000.0)  # no slot frees up meanwhile
+    # long enough that no quota, pacing slot or lock frees up during the walk
+    quota = Quota("hour", 3, 3600.0)
+    pace = Pace(interval_ms=60_000.0, burst=2, queue_ms=90_000.0)
     verdicts = []
 
     async def admit(ticket: str, **kw: Any) -> None:
@@ -602,7 +603,7 @@ async def _store_walk(store: RedisStore) -> list[Verdict]:
                 reservation=_reserve("s1", 10_000), budget_limit=10**9)
     for i in range(4):
         await admit(f"p{i}", pace=pace)
-    await store.pace(Pace(10_000.0, 2, 100_000.0))
+    await store.pace(Pace(60_000.0, 2, 10**6))
     await store.revoke("t", "k", True)
     await admit("revoked")
     await store.revoke("t", "k", False)

@@ -28,8 +28,11 @@ class EmbeddedRedis:
     Replies are what redis-py (hiredis, RESP2, no response callbacks) returns from a real Redis
     7.0 for the same script or command: bytes, int, None, lists; an error reply raises
     ResponseError (an error nested in a script's array reply is a ResponseError in the list).
-    Every call runs to completion without yielding, so a script is atomic on the event loop.
-    Time comes from `clock` (seconds), read once per call: TIME, expiry and stream ids use it.
+    Every call runs to completion without yielding, so a script is atomic on the event loop;
+    use an instance from one thread only. Time comes from `clock` (seconds), read once per call:
+    TIME, expiry and stream ids use it. With `max_volatile_bytes`, keys that carry a TTL are
+    evicted least recently used first (before a call) while their approximate size is above it;
+    keys without a TTL never are.
     """
 
     def __init__(self, *, clock: Callable[[], float] = time.time,
@@ -80,7 +83,9 @@ class EmbeddedRedis:
             raise ResponseError(f"ERR wrong number of arguments for "
                                 f"'{text(argv[0].lower())}' command")
         reply = handler(self._begin(), argv)
-        return bytes(reply) if isinstance(reply, Status) else reply
+        if isinstance(reply, Status):
+            return bytes(reply)
+        return _lists(reply) if isinstance(reply, Nested) else reply
 
     def scan(self, match: str | bytes) -> list[bytes]:
         """Every live key matching a Redis glob, as a full SCAN MATCH would return them."""
@@ -136,6 +141,10 @@ class EmbeddedRedis:
         if len(items) > 1000:
             return self._scripting.table(items)
         return self._scripting.pack(*items)
+
+
+def _lists(reply: Reply) -> Reply:
+    return [_lists(item) for item in reply] if isinstance(reply, list) else reply
 
 
 def _encode_all(values: Sequence[Arg]) -> list[bytes]:
