@@ -395,6 +395,10 @@ REPLIES = [
     "return {pcall(function() return 1, 2 end)}",
     "return coroutine.wrap(function() coroutine.yield(5) end)()",
     "return loadstring('return 1 + 1')()", "return redis.setresp(2)",
+    "pcall(cjson.encode, 1/0) pcall(cjson.encode, 1/0) return cjson.encode({1})",
+    "pcall(redis.log) return {redis.log(redis.LOG_DEBUG, 'x')}",
+    "local a = cjson.decode('{\"k\":[1]}') a.k[1] = 2 return cjson.decode('{\"k\":[1]}').k",
+    "return {cjson.encode(cjson.decode('[1,2]')), cjson.encode(cjson.decode('[1,2]'))}",
 ]
 
 ERRORS = [
