@@ -616,7 +616,9 @@ async def _store_walk(store: RedisStore) -> list[Verdict]:
     verdicts.append((await store.admit(cancelled)).verdict)
     for i in range(5):
         await store.finish(Completion("t", f"l{i}", ledger=b'{"n": %d}' % i))
-    await store.finish(Completion("t", "l5", ledger=b'{"n": 5}', ledger_min_ms=10**13))
+    await store.finish(Completion("t", "l5", ledger=b'{"n": 5}', ledger_min_ms=1))
+    await store.finish(Completion("t", "l6", ledger=b'{"n": 6}', ledger_min_ms=10**13))
+    await store.finish(Completion("t", "l7", ledger=b'{"n": 7}', ledger_min_ms=1))
     return verdicts
 
 
