@@ -305,8 +305,10 @@ def _generators() -> dict[str, Callable[[random.Random], list[bytes]]]:
     }
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_random_commands_reply_as_redis_does(pair: Pair, seed: int) -> None:
+@pytest.mark.parametrize(("seed", "via"), [(1, "command"), (2, "command"), (3, "command"),
+                                          (4, "script"), (5, "script")])
+def test_random_commands_reply_as_redis_does(pair: Pair, seed: int, via: str) -> None:
+    """Sent directly, or from a script (`redis.pcall`: the reply crosses into Lua and back)."""
     rnd = random.Random(seed)
     generators = _generators()
     names = sorted(generators)
@@ -316,7 +318,10 @@ def test_random_commands_reply_as_redis_does(pair: Pair, seed: int) -> None:
         if rnd.random() < 0.02:
             args = args[:rnd.randint(0, len(args))]  # arity errors
         spelled = name.lower() if rnd.random() < 0.3 else name
-        ours, theirs = pair.command(spelled, *args)
+        if via == "command":
+            ours, theirs = pair.command(spelled, *args)
+        else:
+            ours, theirs = pair.script("return redis.pcall(unpack(ARGV))", (), (spelled, *args))
         if name == "SMEMBERS" and isinstance(theirs, list):
             ours, theirs = sorted(ours), sorted(theirs)
         if name in ("PTTL", "TTL"):
@@ -325,6 +330,31 @@ def test_random_commands_reply_as_redis_does(pair: Pair, seed: int) -> None:
             same = ours == theirs and type(ours) is type(theirs)
         assert same, f"step {step}: {name} {args!r}: ours {ours!r}, redis {theirs!r}"
     assert_same_keyspace(pair)
+    assert_sizes_add_up(pair.ours)
+
+
+def assert_sizes_add_up(r: EmbeddedRedis) -> None:
+    """The running byte counts equal a recount from scratch."""
+    from gateway.store.embedded import hashes, keyspace, sets, streams, zsets
+
+    ks = r._keyspace
+    total = volatile = 0
+    for key, value in ks.data.items():
+        if isinstance(value, hashes.Hash):
+            assert value.size == sum(hashes.FIELD_COST + len(f) + len(v) for f, v in value.items())
+        elif isinstance(value, sets.Set):
+            assert value.size == sum(sets.MEMBER_COST + len(m) for m in value)
+        elif isinstance(value, zsets.ZSet):
+            assert value.size == sum(zsets.MEMBER_COST + len(m) for m in value.scores)
+            assert value.order == sorted((s, m) for m, s in value.scores.items())
+        elif isinstance(value, streams.Stream):
+            live = value.entries[value.head:]
+            assert value.size == sum(streams.ENTRY_COST + sum(map(len, e or ())) for e in live)
+        size = keyspace.cost(key, value)
+        total += size
+        volatile += size if key in ks.expires else 0
+    assert (ks.bytes, ks.volatile_bytes) == (total, volatile)
+    assert sum(len(queue) for queue in ks._queues.values()) == len(ks.expires)
 
 
 def test_unknown_commands_and_arity(pair: Pair) -> None:
@@ -367,6 +397,10 @@ REPLIES = [
     "return {pcall(function() return 1, 2 end)}",
     "return coroutine.wrap(function() coroutine.yield(5) end)()",
     "return loadstring('return 1 + 1')()", "return redis.setresp(2)",
+    "pcall(cjson.encode, 1/0) pcall(cjson.encode, 1/0) return cjson.encode({1})",
+    "pcall(redis.log) return {redis.log(redis.LOG_DEBUG, 'x')}",
+    "local a = cjson.decode('{\"k\":[1]}') a.k[1] = 2 return cjson.decode('{\"k\":[1]}').k",
+    "return {cjson.encode(cjson.decode('[1,2]')), cjson.encode(cjson.decode('[1,2]'))}",
 ]
 
 ERRORS = [
@@ -523,7 +557,7 @@ CONTEXT = b'{"team":"t","key_id":"k","model":"m","route":"chat/completions","req
 
 
 def _admission(ticket: str, **kw: Any) -> Admission:
-    return Admission(team="t", key_id="k", ticket=ticket, hold_ms=10_000, **kw)
+    return Admission(team="t", key_id="k", ticket=ticket, hold_ms=600_000, **kw)
 
 
 def _reserve(ticket: str, amount: int, period: str = "m2026-11") -> Reservation:
@@ -534,8 +568,9 @@ async def _store_walk(store: ScriptStore) -> list[Verdict]:
     """The store's operations, each kind of outcome at least once."""
     ref = CacheRef("chat/completions", "d" * 64)
     shared = CacheRef("chat/completions", "f" * 64, shared=True)
-    quota = Quota("minute", 3, 60.0)
-    pace = Pace(interval_ms=10_000.0, burst=2, queue_ms=15_000.0)  # no slot frees up meanwhile
+    # long enough that no quota, pacing slot or lock frees up during the walk
+    quota = Quota("hour", 3, 3600.0)
+    pace = Pace(interval_ms=60_000.0, burst=2, queue_ms=90_000.0)
     verdicts = []
 
     async def admit(ticket: str, **kw: Any) -> None:
@@ -574,7 +609,7 @@ async def _store_walk(store: ScriptStore) -> list[Verdict]:
                 reservation=_reserve("s1", 10_000), budget_limit=10**9)
     for i in range(4):
         await admit(f"p{i}", pace=pace)
-    await store.pace(Pace(10_000.0, 2, 100_000.0))
+    await store.pace(Pace(60_000.0, 2, 10**6))
     await store.revoke("t", "k", True)
     await admit("revoked")
     await store.revoke("t", "k", False)
@@ -585,7 +620,9 @@ async def _store_walk(store: ScriptStore) -> list[Verdict]:
                 key_budget_limit=50_000)
     for i in range(5):
         await store.finish(Completion("t", f"l{i}", event=b'{"n": %d}' % i))
-    await store.finish(Completion("t", "l5", event=b'{"n": 5}', ledger=LedgerTrim(min_ms=10**13)))
+    await store.finish(Completion("t", "l5", event=b'{"n": 5}', ledger=LedgerTrim(min_ms=1)))
+    await store.finish(Completion("t", "l6", event=b'{"n": 6}', ledger=LedgerTrim(min_ms=10**13)))
+    await store.finish(Completion("t", "l7", event=b'{"n": 7}', ledger=LedgerTrim(min_ms=1)))
     await store.finish(Completion("t", "d1", Settle.CHARGE, "d1", charge=7,
                                   direct=_reserve("d1", 9_000)))
     await store.finish(Completion("t", "d1", Settle.CHARGE, "d1", charge=7,

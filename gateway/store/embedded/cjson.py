@@ -45,7 +45,23 @@ def _scalar(value: Any, null: object) -> Any:
 
 
 def _plain(root: Any, null: object) -> Any:
-    """orjson's document with bytes for str, floats for ints, `null` for None (no recursion)."""
+    """orjson's document with bytes for str, floats for ints, `null` for None."""
+    if root.__class__ is dict:  # the usual payload: one flat object
+        out = {}
+        for key, value in root.items():
+            cls = value.__class__
+            if cls is str:
+                out[key.encode()] = value.encode()
+            elif cls is dict or cls is list:
+                return _nested(root, null)
+            else:
+                out[key.encode()] = _scalar(value, null)
+        return out
+    return _nested(root, null)
+
+
+def _nested(root: Any, null: object) -> Any:
+    """`_plain` for any document, without recursion (a document may be 1000 levels deep)."""
     stack: list[tuple[Any, Any, int]] = []
 
     def convert(value: Any, depth: int) -> Any:

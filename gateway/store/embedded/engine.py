@@ -12,7 +12,7 @@ from .errors import ResponseError
 from .keyspace import Info, Keyspace
 from .lua import Scripting
 from .parse import format_double
-from .replies import Argv, Reply, Status, Table, text
+from .replies import Argv, Nested, Reply, Status, Table, text
 
 Arg = str | bytes | int | float
 
@@ -28,8 +28,11 @@ class EmbeddedRedis:
     Replies are what redis-py (hiredis, RESP2, no response callbacks) returns from a real Redis
     7.0 for the same script or command: bytes, int, None, lists; an error reply raises
     ResponseError (an error nested in a script's array reply is a ResponseError in the list).
-    Every call runs to completion without yielding, so a script is atomic on the event loop.
-    Time comes from `clock` (seconds), read once per call: TIME, expiry and stream ids use it.
+    Every call runs to completion without yielding, so a script is atomic on the event loop;
+    use an instance from one thread only. Time comes from `clock` (seconds), read once per call:
+    TIME, expiry and stream ids use it. With `max_volatile_bytes`, keys that carry a TTL are
+    evicted least recently used first (before a call) while their approximate size is above it;
+    keys without a TTL never are.
     """
 
     def __init__(self, *, clock: Callable[[], float] = time.time,
@@ -39,7 +42,7 @@ class EmbeddedRedis:
         self._clock = clock
         self._keyspace = Keyspace(max_volatile_bytes=max_volatile_bytes)
         self._scripting = Scripting(self._call, self._pcall)
-        self._scripts: dict[str, Any] = {}
+        self._scripts: dict[str, tuple[Any, bytes]] = {}  # sha1 -> (function, sha1)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(keys={len(self._keyspace.data)})"
@@ -54,17 +57,16 @@ class EmbeddedRedis:
         body = source.encode()
         sha = hashlib.sha1(body).hexdigest()
         if sha not in self._scripts:
-            self._scripts[sha] = self._scripting.compile(body)
+            self._scripts[sha] = (self._scripting.compile(body), sha.encode())
         return sha
 
     def evalsha(self, sha: str, keys: Sequence[str | bytes], args: Sequence[Arg]) -> Any:
         """EVALSHA: run a loaded script with KEYS and ARGV."""
-        function = self._scripts.get(sha.lower()) if len(sha) == 40 else None
-        if function is None:
+        script = self._scripts.get(sha) or self._scripts.get(sha.lower())
+        if script is None:
             raise ResponseError("NOSCRIPT No matching script. Please use EVAL.")
         self._begin()
-        return self._scripting.run(function, sha.lower().encode(), [_encode(k) for k in keys],
-                                   [_encode(a) for a in args])
+        return self._scripting.run(script[0], script[1], _encode_all(keys), _encode_all(args))
 
     def execute(self, *command: Arg) -> Any:
         """One command, as a client sends it."""
@@ -81,7 +83,9 @@ class EmbeddedRedis:
             raise ResponseError(f"ERR wrong number of arguments for "
                                 f"'{text(argv[0].lower())}' command")
         reply = handler(self._begin(), argv)
-        return bytes(reply) if isinstance(reply, Status) else reply
+        if isinstance(reply, Status):
+            return bytes(reply)
+        return _lists(reply) if isinstance(reply, Nested) else reply
 
     def scan(self, match: str | bytes) -> list[bytes]:
         """Every live key matching a Redis glob, as a full SCAN MATCH would return them."""
@@ -95,18 +99,22 @@ class EmbeddedRedis:
 
     def _call(self, *args: Any) -> Any:
         """redis.call: a Redis error raises (as a Lua error the script may catch)."""
-        if not args:
-            raise ResponseError("ERR Please specify at least one argument for this redis lib "
-                                "call")
         for arg in args:
             if arg.__class__ is not bytes:
                 args = _script_args(args)
                 break
-        entry = _LOOKUP.get(args[0]) or _LOOKUP.get(args[0].lower())
-        if entry is None:
-            raise ResponseError("ERR Unknown Redis command called from script")
-        handler, arity = entry
-        if len(args) != arity and (arity > 0 or len(args) < -arity):
+        else:
+            if not args:
+                raise ResponseError("ERR Please specify at least one argument for this redis "
+                                    "lib call")
+        try:
+            handler, arity = _LOOKUP[args[0]]
+        except KeyError:
+            entry = _LOOKUP.get(args[0].lower())
+            if entry is None:
+                raise ResponseError("ERR Unknown Redis command called from script") from None
+            handler, arity = entry
+        if arity != len(args) and (arity > 0 or len(args) < -arity):
             raise ResponseError("ERR Wrong number of args calling Redis command from script")
         reply = handler(self._keyspace, args)
         kind = reply.__class__
@@ -127,12 +135,21 @@ class EmbeddedRedis:
 
     def _lua_list(self, items: list[Reply]) -> Any:
         """An array reply as Redis gives it to Lua: a table, nil elements as false."""
-        converted = [item if item.__class__ is bytes else False if item is None
-                     else self._lua_list(item) if item.__class__ is list else item
-                     for item in items]
-        if len(converted) > 1000:
-            return self._scripting.table(converted)
-        return self._scripting.pack(*converted)
+        if items.__class__ is Nested or None in items:
+            items = [False if item is None else self._lua_list(item) if item.__class__ is Nested
+                     else item for item in items]
+        if len(items) > 1000:
+            return self._scripting.table(items)
+        return self._scripting.pack(*items)
+
+
+def _lists(reply: Reply) -> Reply:
+    return [_lists(item) for item in reply] if isinstance(reply, list) else reply
+
+
+def _encode_all(values: Sequence[Arg]) -> list[bytes]:
+    return [value.encode() if type(value) is str else value if type(value) is bytes
+            else _encode(value) for value in values]
 
 
 def _encode(value: Arg) -> bytes:
@@ -148,15 +165,13 @@ def _encode(value: Arg) -> bytes:
 
 def _script_args(args: tuple[Any, ...]) -> Argv:
     """Arguments of redis.call: strings as they are, numbers as "%.17g", nothing else."""
-    out = []
-    for arg in args:
-        kind = arg.__class__
-        if kind is bytes:
-            out.append(arg)
-        elif kind is int:
-            out.append(b"%d" % arg if -10**17 < arg < 10**17 else format_double(float(arg)))
-        elif kind is float:
-            out.append(format_double(arg))
-        else:
-            raise ResponseError(_FROM_SCRIPT_ARGS)
-    return tuple(out)
+    return tuple([arg if arg.__class__ is bytes else _number(arg) for arg in args])
+
+
+def _number(arg: Any) -> bytes:
+    kind = arg.__class__
+    if kind is int:  # lupa gives an integral Lua number as an int
+        return b"%d" % arg if -10**17 < arg < 10**17 else format_double(float(arg))
+    if kind is float:
+        return format_double(arg)
+    raise ResponseError(_FROM_SCRIPT_ARGS)

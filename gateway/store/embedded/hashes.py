@@ -47,7 +47,20 @@ def hset(ks: Keyspace, argv: Argv) -> Reply:
         raise ResponseError("ERR wrong number of arguments for 'hset' command")
     key = argv[1]
     h = _write(ks, key)
-    return sum(_put(ks, key, h, argv[i], argv[i + 1]) for i in range(2, len(argv), 2))
+    added = delta = 0
+    for i in range(2, len(argv), 2):
+        field, value = argv[i], argv[i + 1]
+        old = h.get(field)
+        h[field] = value
+        if old is None:
+            added += 1
+            delta += FIELD_COST + len(field) + len(value)
+        else:
+            delta += len(value) - len(old)
+    if delta:
+        h.size += delta
+        ks.resized(key, delta)
+    return added
 
 
 def hsetnx(ks: Keyspace, argv: Argv) -> Reply:
@@ -102,7 +115,12 @@ def hincrby(ks: Keyspace, argv: Argv) -> Reply:
             by > 0 and value > 0 and by > LLONG_MAX - value):
         raise ResponseError(OVERFLOW)
     value += by
-    _put(ks, key, h, field, b"%d" % value)
+    raw = b"%d" % value
+    h[field] = raw
+    delta = FIELD_COST + len(field) + len(raw) if old is None else len(raw) - len(old)
+    if delta:
+        h.size += delta
+        ks.resized(key, delta)
     return value
 
 

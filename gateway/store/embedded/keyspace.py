@@ -137,6 +137,8 @@ class Keyspace:
                 self._lru[key] = None
         else:
             del old[1][key]
+            if self._lru is not None:
+                self._lru.move_to_end(key)
         ttl = when - self.now
         band = ttl.bit_length() if ttl > 0 else 0
         queue = self._queues.get(band)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -23,6 +23,7 @@ from .parse import format_double
 logger = logging.getLogger("gateway.store.embedded")
 _LEVELS = (logging.DEBUG, logging.DEBUG, logging.INFO, logging.WARNING)
 _VARARGS = 4000  # more arguments than this go to Lua in tables (the C stack holds ~8000)
+_CACHED_DOCUMENTS, _CACHED_DOCUMENT = 256, 1024  # how many decoded documents, up to what size
 
 
 class LuaStringError(Exception):
@@ -91,6 +92,9 @@ class Scripting:
         self._where, self._null = api.where, api.null
         self.pack, self.status, self.error = api.pack, api.status, api.error
         self.table = self._lua.table_from
+        # documents decoded lately (a cache entry's header is decoded on every hit), as Python
+        # values: the Lua tables are made anew from them
+        self._decoded: dict[bytes, Any] = {}
 
     def compile(self, source: bytes) -> Any:
         """The script as a Lua function; a compile error raises as Redis reports it."""
@@ -101,15 +105,17 @@ class Scripting:
                                 + message.replace("\n", " "))
         return result
 
-    def run(self, function: Any, sha: bytes, keys: Sequence[bytes], args: Sequence[bytes]) -> Any:
+    def run(self, function: Any, sha: bytes, keys: list[bytes], args: list[bytes]) -> Any:
         """The script's reply, converted as Redis converts it; an error reply raises."""
         if len(keys) + len(args) <= _VARARGS:
             result = self._run(function, sha, len(keys), *keys, *args)
         else:
             result = self._run_tables(function, sha, self.table(keys), self.table(args))
         if result[0]:
-            reply = result[1]
-            if isinstance(reply, ResponseError):
+            if result[1]:  # an array of plain values, as values
+                return list(result[2:])
+            reply = result[2]
+            if reply.__class__ is ResponseError:
                 raise reply
             return reply
         if result[2] is not None:
@@ -127,11 +133,17 @@ class Scripting:
         elif not isinstance(data, bytes):
             raise LuaStringError(self._where() + b"bad argument #1 to 'decode' (string "
                                  b"expected, got " + _lua_type(data) + b")")
-        try:
-            value = cjson.decode(data, self._null)
-        except cjson.DecodeError as exc:
-            raise LuaStringError(self._where() + str(exc).encode()) from None
-        if isinstance(value, (dict, list)):
+        value = self._decoded.get(data)
+        if value is None:
+            try:
+                value = cjson.decode(data, self._null)
+            except cjson.DecodeError as exc:
+                raise LuaStringError(self._where() + str(exc).encode()) from None
+            if len(data) <= _CACHED_DOCUMENT:
+                if len(self._decoded) >= _CACHED_DOCUMENTS:
+                    self._decoded.clear()
+                self._decoded[data] = value
+        if isinstance(value, (dict, list)):  # a new table each time: scripts change them
             return self.table(value, recursive=True)
         return value
 

@@ -30,6 +30,8 @@ def integer(raw: bytes, error: str = NOT_INTEGER) -> int:
 
 
 def as_integer(raw: bytes) -> int | None:
+    if raw.isdigit() and len(raw) < 19 and (raw[0] != 48 or len(raw) == 1):  # fast: 0..10^18
+        return int(raw)
     if 0 < len(raw) < 21:
         try:
             value = int(raw)

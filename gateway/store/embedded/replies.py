@@ -14,6 +14,11 @@ class Status(bytes):
 
 OK = Status(b"OK")
 
+
+class Nested(list["Reply"]):
+    """An array reply holding arrays (XRANGE): the only kind a script gets tables in tables."""
+
+
 Reply: TypeAlias = bytes | int | list["Reply"] | None
 Argv = tuple[bytes, ...]
 Handler = Callable[[Keyspace, Argv], Reply]

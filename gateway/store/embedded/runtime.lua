@@ -174,9 +174,20 @@ for i = 0, 31 do
 end
 local ESCAPED = '[%z\1-\31"\\/\127]'
 
-local function quote(s)
-  if find(s, ESCAPED) then s = gsub(s, ESCAPED, escapes) end
-  return '"' .. s .. '"'
+-- Pieces go into `buf` (joined once at the end): no intermediate string is built or interned.
+-- Strings seen before (field names, mostly) are looked up instead of scanned.
+local plain, plain_count = {}, 0
+local function put_string(buf, n, s)
+  if not plain[s] then
+    if find(s, ESCAPED) then
+      s = gsub(s, ESCAPED, escapes)
+    elseif #s <= 64 then
+      if plain_count >= 4096 then plain, plain_count = {}, 0 end
+      plain[s], plain_count = true, plain_count + 1
+    end
+  end
+  buf[n + 1], buf[n + 2], buf[n + 3] = '"', s, '"'
+  return n + 3
 end
 
 local function number(n)
@@ -213,30 +224,42 @@ local function encode_table(t, depth, buf, n)
     n = n + 1; buf[n] = ']'
     return n
   end
-  n = n + 1; buf[n] = '{'
-  local first = true
+  local open = '{'
   for k, v in next, t do
-    if first then first = false else n = n + 1; buf[n] = ',' end
-    local kt = type(k)
-    if kt == 'string' then
-      n = n + 1; buf[n] = quote(k)
-      n = n + 1; buf[n] = ':'
-    elseif kt == 'number' then
-      n = n + 1; buf[n] = '"' .. number(k) .. '":'
+    if plain[k] then -- a string seen before: the usual key
+      buf[n + 1], buf[n + 2], buf[n + 3] = open, '"', k
+      n = n + 3
     else
-      error('Cannot serialise ' .. kt .. ': table key must be a number or string', 0)
+      local kt = type(k)
+      n = n + 1; buf[n] = open
+      if kt == 'string' then
+        n = put_string(buf, n, k) - 1
+      elseif kt == 'number' then
+        buf[n + 1], buf[n + 2] = '"', number(k)
+        n = n + 2
+      else
+        error('Cannot serialise ' .. kt .. ': table key must be a number or string', 0)
+      end
     end
-    n = encode_value(v, depth, buf, n)
+    n = n + 1; buf[n] = '":'
+    open = ','
+    if plain[v] then
+      buf[n + 1], buf[n + 2], buf[n + 3] = '"', v, '"'
+      n = n + 3
+    else
+      n = encode_value(v, depth, buf, n)
+    end
   end
+  if open == '{' then n = n + 1; buf[n] = '{' end
   n = n + 1; buf[n] = '}'
   return n
 end
 
 function encode_value(v, depth, buf, n)
   local t = type(v)
+  if t == 'string' then return put_string(buf, n, v) end
   n = n + 1
-  if t == 'string' then buf[n] = quote(v)
-  elseif t == 'number' then buf[n] = number(v)
+  if t == 'number' then buf[n] = number(v)
   elseif t == 'boolean' then buf[n] = v and 'true' or 'false'
   elseif t == 'nil' or v == null then buf[n] = 'null'
   elseif t == 'table' then return encode_table(v, depth, buf, n - 1)
@@ -369,15 +392,29 @@ local function failure(err, sha)
   return false, (gsub(message, '[\r\n]', ' ')), rawget(err, BUG)
 end
 
+-- The script's reply: (true, 0, value), or (true, 1, ...) for an array of plain values (most
+-- replies: no Python list is built in Lua), or (false, message, exception to re-raise or nil).
+local SPECIAL = {'err', 'ok', 'double', 'big_number', 'verbatim_string', 'map', 'set'}
 local function finish(sha, ok, result)
-  if ok then return true, convert(result) end
-  return failure(result, sha)
+  if not ok then return failure(result, sha) end
+  if type(result) ~= 'table' then return true, 0, convert(result) end
+  for i = 1, #SPECIAL do
+    if rawget(result, SPECIAL[i]) ~= nil then return true, 0, convert(result) end
+  end
+  local items, n = {}, 0
+  while true do
+    local item = rawget(result, n + 1)
+    if item == nil then break end
+    if type(item) == 'table' or n == 4000 then return true, 0, convert(result) end
+    n = n + 1
+    items[n] = convert(item)
+  end
+  return true, 1, unpack(items, 1, n)
 end
 
 local api = {}
 
--- Run a compiled script with its keys and arguments as varargs; (true, reply) or
--- (false, error message, Python exception to re-raise or nil).
+-- Run a compiled script with its keys and arguments as varargs.
 function api.run(fn, sha, nkeys, ...)
   rawset(globals, 'KEYS', nkeys > 0 and {unpack({...}, 1, nkeys)} or {})
   rawset(globals, 'ARGV', {select(nkeys + 1, ...)})

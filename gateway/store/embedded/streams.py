@@ -15,7 +15,7 @@ from bisect import bisect_left, bisect_right
 from .errors import SYNTAX, ResponseError
 from .keyspace import Keyspace
 from .parse import integer, unsigned
-from .replies import Argv, Reply, Table
+from .replies import Argv, Nested, Reply, Table
 
 ENTRY_COST = 80  # approximate bytes an entry costs beyond its fields and values
 MAX_ID = (1 << 128) - 1
@@ -165,6 +165,8 @@ def _read(ks: Keyspace, key: bytes) -> Stream | None:
 
 
 def xadd(ks: Keyspace, argv: Argv) -> Reply:
+    if len(argv) % 2 and argv[2] in (b"MINID", b"minid") and argv[4] == b"*" and len(argv) > 5:
+        return _append_trimmed(ks, argv)  # the ledger's form, on every request
     trim = _Trim()
     at, nomkstream, given, seq_given = trim.parse(argv, xadd=True)
     fields = argv[at + 1:]
@@ -195,6 +197,25 @@ def xadd(ks: Keyspace, argv: Argv) -> Reply:
     if trim.strategy:
         trim.apply(ks, key, s)
     return _format(id_)
+
+
+def _append_trimmed(ks: Keyspace, argv: Argv) -> Reply:
+    """XADD key MINID threshold * field value...: an entry on the clock, older ones dropped."""
+    minid = _parse_id(argv[3], 0, strict=True)[0]
+    key = argv[1]
+    s = _read(ks, key)
+    if s is None:
+        s = Stream()
+        ks.add(key, s)
+    if s.last == MAX_ID:
+        raise ResponseError("ERR The stream has exhausted the last possible ID, unable to add "
+                            "more items")
+    id_ = ks.now << 64 if ks.now > s.last >> 64 else s.last + 1
+    ks.resized(key, s.append(id_, argv[5:]))
+    count = bisect_left(s.ids, minid, lo=s.head) - s.head
+    if count:
+        ks.resized(key, s.trim(count))
+    return b"%d-%d" % (id_ >> 64, id_ & _SEQ)
 
 
 def xtrim(ks: Keyspace, argv: Argv) -> Reply:
@@ -238,7 +259,7 @@ def xrange(ks: Keyspace, argv: Argv) -> Reply:
     hi = bisect_right(s.ids, end, lo=lo)
     if count > 0:
         hi = min(hi, lo + count)
-    return [[_format(s.ids[i]), list(s.entries[i] or ())] for i in range(lo, hi)]
+    return Nested([Nested([_format(s.ids[i]), list(s.entries[i] or ())]) for i in range(lo, hi)])
 
 
 def xlen(ks: Keyspace, argv: Argv) -> Reply:

@@ -22,6 +22,14 @@ def get(ks: Keyspace, argv: Argv) -> Reply:
 
 
 def set_(ks: Keyspace, argv: Argv) -> Reply:
+    if len(argv) == 3:  # the common forms first: SET k v, SET k v PX ms
+        ks.replace(argv[1], argv[2])
+        return OK
+    if len(argv) == 5 and argv[3] in (b"PX", b"px"):
+        deadline = _deadline(ks, argv[4], _PX)
+        ks.replace(argv[1], argv[2], keep_ttl=True)
+        ks.set_deadline(argv[1], deadline)
+        return OK
     flags, expire = 0, b""
     j, n = 3, len(argv)
     while j < n:
@@ -106,6 +114,8 @@ def delete(ks: Keyspace, argv: Argv) -> Reply:
 
 
 def exists(ks: Keyspace, argv: Argv) -> Reply:
+    if len(argv) == 2:
+        return 0 if ks.lookup(argv[1]) is None else 1
     return sum(1 for key in argv[1:] if ks.lookup(key) is not None)
 
 
@@ -132,6 +142,18 @@ def ttl(ks: Keyspace, argv: Argv) -> Reply:
 
 def _expire(ks: Keyspace, argv: Argv, unit: int) -> Reply:
     name = "expire" if unit == 1000 else "pexpire"
+    if len(argv) == 3 and unit == 1:  # the common form: PEXPIRE key ms
+        when = integer(argv[2])
+        if when > LLONG_MAX - ks.now:
+            raise ResponseError(f"ERR invalid expire time in '{name}' command")
+        when += ks.now
+        if ks.lookup(argv[1]) is None:
+            return 0
+        if when <= ks.now:
+            ks.delete(argv[1])
+        else:
+            ks.set_deadline(argv[1], when)
+        return 1
     flags: set[bytes] = set()
     for opt in argv[3:]:
         if opt.lower() not in (b"nx", b"xx", b"gt", b"lt"):
