@@ -5,8 +5,6 @@ status and body: no auth check, quota, budget, cache, metrics or logging. The up
 chosen by PASSTHROUGH_ENGINE:
 
 - `httpx`: one pooled `httpx.AsyncClient` (httpcore, h11);
-- `sharded`: httpx over several httpcore pools taken in turn (the gateway's engine before
-  aiohttp);
 - `httpx-aiohttp`: httpx over the `httpx-aiohttp` package's transport;
 - `lean`: httpx over the gateway's own transport (`gateway.upstream.AiohttpTransport`);
 - `upstream`: the gateway's `Upstream.send` itself (that transport without `httpx.AsyncClient`,
@@ -34,7 +32,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import config as cfg
-from gateway.upstream import AiohttpTransport, ShardedTransport, Upstream
+from gateway.upstream import AiohttpTransport, Upstream
 
 UPSTREAM = os.environ.get("UPSTREAM_URL", "http://127.0.0.1:8099/api/v1").rstrip("/") + "/"
 KEY = os.environ.get("UPSTREAM_KEY", "aio_mock_key")
@@ -115,7 +113,6 @@ def constant_forward() -> Engine:
 
 ENGINES: dict[str, Callable[[], Engine]] = {
     "httpx": lambda: httpx_forward(None),
-    "sharded": lambda: httpx_forward(ShardedTransport(max_connections=POOL)),
     "httpx-aiohttp": lambda: httpx_forward(_httpx_aiohttp()),
     "lean": lambda: httpx_forward(AiohttpTransport(max_connections=POOL, verify=TLS)),
     "upstream": upstream_forward,

@@ -85,8 +85,6 @@ CASES = {c.id: c for c in [
     Case("c", "(c) Starlette + httpx pass-through", "bench/passthrough.py: Starlette + one "
          "pooled httpx.AsyncClient (uvicorn, uvloop, httptools, 1 worker) to the stub",
          "passthrough_httpx"),
-    Case("c2", "(c') pass-through, sharded pools", "as (c) over 8 httpcore pools taken in turn "
-         "(the gateway's engine before aiohttp)", "passthrough_sharded"),
     Case("c_hx", "(c-hx) pass-through, httpx over httpx-aiohttp", "as (c) with httpx over the "
          "`httpx-aiohttp` package's transport", "passthrough_httpx-aiohttp"),
     Case("c_lean", "(c-lean) pass-through, httpx over the gateway's transport", "as (c) with "
@@ -574,13 +572,15 @@ def _frame_name(frame: dict[str, Any]) -> str:
 
 
 _LOOP_FILES = ("asyncio/runners.py", "asyncio/base_events.py", "uvloop/__init__.py")
-_CLIENT = "upstream HTTP client (httpx, httpcore, h11, anyio, sniffio)"
+_CLIENT = "upstream HTTP client (httpx, aiohttp, yarl, multidict)"
 _AREAS = [
     ("gateway/store/", "gateway: store (gateway/store/)"),
+    ("gateway/upstream.py", _CLIENT),
     ("gateway/", "gateway: the rest (proxy, auth, cache, metrics calls...)"),
     ("redis/", "Redis client (redis-py)"),
-    ("httpx/", _CLIENT), ("httpcore/", _CLIENT), ("h11/", _CLIENT), ("anyio/", _CLIENT),
-    ("sniffio/", _CLIENT),
+    *((f"{package}/", _CLIENT) for package in (
+        "httpx", "aiohttp", "yarl", "multidict", "aiohappyeyeballs", "httpcore", "h11", "anyio",
+        "sniffio")),
     ("uvicorn/", "HTTP server (uvicorn, httptools)"),
     ("prometheus_client/", "metrics (prometheus_client)"),
     ("starlette/", "starlette"),

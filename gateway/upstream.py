@@ -1,15 +1,20 @@
-"""The one pooled connection to apiin.one: header hygiene, key swap, safe retries.
+"""The one pool of connections to apiin.one: header hygiene, key swap, safe retries.
+
+The gateway sees httpx's `Request` and `Response`; under them, `AiohttpTransport` moves the
+bytes with aiohttp's pool and C parser (chosen by measurement: README, Benchmarks).
 
 Retries happen only where they cannot double a charge: when the connection failed before the
 request was sent (any method), and for GETs answered 429/502/503/504 (honouring `Retry-After`).
 Every retry first books an upstream slot, like the first attempt did.
+
+Cancellation may arrive at any `await` (the caller's overall deadline): a request cancelled
+before its answer, or a body cancelled or closed before its end, closes its connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
-import itertools
 import random
 import ssl
 import time
@@ -94,36 +99,11 @@ def retry_after_s(value: str | None) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
-class ShardedTransport(httpx.AsyncBaseTransport):
-    """Connections to the upstream, in several httpcore pools taken in turn.
-
-    httpcore walks its whole pool (and polls each idle socket) on every request and response
-    (encode/httpcore#924), so one pool of N connections costs O(N) per request: with 32
-    requests in flight that scan was most of the gateway's CPU. K pools of N/K keep it short.
-    """
-
-    def __init__(self, *, max_connections: int, shards: int = 8) -> None:
-        shards = max(1, min(shards, max_connections))
-        limits = httpx.Limits(max_connections=max_connections // shards,
-                              max_keepalive_connections=max_connections // shards)
-        tls = ssl.create_default_context(cafile=certifi.where())  # loaded once, not per pool
-        self._pools = [httpx.AsyncHTTPTransport(limits=limits, verify=tls)
-                       for _ in range(shards)]
-        self._next = itertools.cycle(self._pools)
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await next(self._next).handle_async_request(request)
-
-    async def aclose(self) -> None:
-        for pool in self._pools:
-            await pool.aclose()
-
-
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """httpx's transport seam over aiohttp's connection pool and C HTTP parser.
 
     The rest of the gateway keeps httpx's `Request` / `Response`; only the bytes on the wire go
-    through aiohttp, which costs a fraction of httpcore's CPU per request (bench/RESULTS.md).
+    through aiohttp, which costs a fraction of httpcore's CPU per request (bench/ENGINES.md).
     The request is sent as built (no headers added, no redirects, cookies or environment
     proxies); bodies are not decompressed here (httpx decodes them, as its own transport
     would). Timeouts come from `request.extensions["timeout"]`, as httpx sets them: `pool`
@@ -142,7 +122,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     @property
     def in_use(self) -> int:
-        """Connections lent out right now (requests sending or bodies being read)."""
+        """Connections lent out right now (requests sending or bodies being read); aiohttp
+        keeps no public count."""
         connector = self._session.connector if self._session is not None else None
         return len(connector._acquired) if isinstance(connector, aiohttp.TCPConnector) else 0
 
