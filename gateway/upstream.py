@@ -1,23 +1,31 @@
-"""The one pooled connection to apiin.one: header hygiene, key swap, safe retries.
+"""The one pool of connections to apiin.one: header hygiene, key swap, safe retries.
+
+The gateway sees httpx's `Request` and `Response`; under them, `AiohttpTransport` moves the
+bytes with aiohttp's pool and C parser (chosen by measurement: README, Benchmarks).
 
 Retries happen only where they cannot double a charge: when the connection failed before the
 request was sent (any method), and for GETs answered 429/502/503/504 (honouring `Retry-After`).
 Every retry first books an upstream slot, like the first attempt did.
+
+Cancellation may arrive at any `await` (the caller's overall deadline): a request cancelled
+before its answer, or a body cancelled or closed before its end, closes its connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
-import itertools
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import certifi
 import httpx
+import yarl
 
+from . import __version__
 from . import config as cfg
 from .asgi import Headers
 from .errors import UpstreamUnavailable
@@ -39,6 +47,11 @@ _DROP_RESPONSE = HOP_BY_HOP | {
     b"content-length", b"content-encoding", b"set-cookie", b"server", b"date",
     b"www-authenticate", b"alt-svc", b"x-request-id",
 }
+# Sent unless the client sent its own (Accept-Encoding: what httpx decodes without extras).
+_DEFAULT_HEADERS: Headers = [
+    (b"accept", b"*/*"), (b"accept-encoding", b"gzip, deflate"),
+    (b"user-agent", f"aio-gateway/{__version__}".encode()),
+]
 _RETRY_STATUS = frozenset({429, 502, 503, 504})
 _MAX_RETRY_WAIT_S = 10.0
 
@@ -86,29 +99,129 @@ def retry_after_s(value: str | None) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
-class ShardedTransport(httpx.AsyncBaseTransport):
-    """Connections to the upstream, in several httpcore pools taken in turn.
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """httpx's transport seam over aiohttp's connection pool and C HTTP parser.
 
-    httpcore walks its whole pool (and polls each idle socket) on every request and response
-    (encode/httpcore#924), so one pool of N connections costs O(N) per request: with 32
-    requests in flight that scan was most of the gateway's CPU. K pools of N/K keep it short.
+    The rest of the gateway keeps httpx's `Request` / `Response`; only the bytes on the wire go
+    through aiohttp, which costs a fraction of httpcore's CPU per request (bench/ENGINES.md).
+    The request is sent as built (no headers added, no redirects, cookies or environment
+    proxies); bodies are not decompressed here (httpx decodes them, as its own transport
+    would). Timeouts come from `request.extensions["timeout"]`, as httpx sets them: `pool`
+    bounds the wait for a pooled connection plus connecting, `connect` a new connection,
+    `read` each read.
+
+    A response that is not read to its end, or whose reader is cancelled, closes its connection
+    instead of lending it again: the pool never holds a half-read connection.
     """
 
-    def __init__(self, *, max_connections: int, shards: int = 8) -> None:
-        shards = max(1, min(shards, max_connections))
-        limits = httpx.Limits(max_connections=max_connections // shards,
-                              max_keepalive_connections=max_connections // shards)
-        tls = ssl.create_default_context(cafile=certifi.where())  # loaded once, not per pool
-        self._pools = [httpx.AsyncHTTPTransport(limits=limits, verify=tls)
-                       for _ in range(shards)]
-        self._next = itertools.cycle(self._pools)
+    def __init__(self, *, max_connections: int, verify: ssl.SSLContext) -> None:
+        self._max_connections = max_connections
+        self._tls = verify
+        self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
+
+    @property
+    def in_use(self) -> int:
+        """Connections lent out right now (requests sending or bodies being read); aiohttp
+        keeps no public count."""
+        connector = self._session.connector if self._session is not None else None
+        return len(connector._acquired) if isinstance(connector, aiohttp.TCPConnector) else 0
+
+    def _open(self) -> aiohttp.ClientSession:
+        """The session, made on first use: aiohttp binds it to the running event loop."""
+        connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=self._tls)
+        session = aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
+            skip_auto_headers=_AIOHTTP_AUTO_HEADERS, trust_env=False,
+            timeout=aiohttp.ClientTimeout(),
+        )
+        # aiohttp resends an idempotent request once when a kept-alive connection breaks; the
+        # gateway's retries are its own (each books an upstream slot), so that one is off.
+        session._retry_connection = False
+        return session
+
+    def _timeout(self, request: httpx.Request) -> aiohttp.ClientTimeout:
+        given = request.extensions.get("timeout", {})
+        key = (given.get("pool"), given.get("connect"), given.get("read"))
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(connect=key[0], sock_connect=key[1], sock_read=key[2])
+            self._timeouts[key] = timeout
+        return timeout
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await next(self._next).handle_async_request(request)
+        session = self._session
+        if session is None:
+            session = self._session = self._open()
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
+        try:
+            answer = await session.request(
+                request.method, yarl.URL(str(request.url), encoded=True), headers=headers,
+                data=await request.aread() or None, allow_redirects=False,
+                timeout=self._timeout(request),
+            )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _httpx_error(exc, request) from exc
+        return httpx.Response(
+            answer.status, headers=answer.raw_headers, stream=_Body(answer, request),
+            request=request, extensions={"http_version": b"HTTP/1.1",
+                                         "reason_phrase": (answer.reason or "").encode()},
+        )
 
     async def aclose(self) -> None:
-        for pool in self._pools:
-            await pool.aclose()
+        if self._session is not None:
+            await self._session.close()
+
+
+_AIOHTTP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
+
+
+class _Body(httpx.AsyncByteStream):
+    """An aiohttp response's body as httpx reads it: chunks as they arrive."""
+
+    def __init__(self, answer: aiohttp.ClientResponse, request: httpx.Request) -> None:
+        self._answer = answer
+        self._request = request
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._answer.content.readany()
+        except BaseException as exc:  # cancelled or broken: never lend this connection again
+            self._answer.close()
+            if isinstance(exc, aiohttp.ClientError | TimeoutError):
+                raise _httpx_error(exc, self._request) from exc
+            raise
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
+
+    async def aclose(self) -> None:
+        # at its end the body already gave its connection back; before it, close the connection
+        if self._answer.content.is_eof():
+            self._answer.release()
+        else:
+            self._answer.close()
+
+
+def _httpx_error(exc: BaseException, request: httpx.Request) -> httpx.TransportError:
+    """aiohttp's error as the httpx error the gateway (and httpx's own transport) would raise."""
+    kind: type[httpx.TransportError]
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        kind = httpx.ConnectTimeout
+    elif isinstance(exc, TimeoutError):
+        kind = httpx.ReadTimeout
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        kind = httpx.ConnectError
+    elif isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+        kind = httpx.UnsupportedProtocol
+    elif isinstance(exc, aiohttp.ClientOSError):
+        kind = httpx.ReadError
+    else:  # disconnected, a broken body or a malformed answer
+        kind = httpx.RemoteProtocolError
+    return kind(str(exc) or type(exc).__name__, request=request)
 
 
 class Upstream:
@@ -118,23 +231,22 @@ class Upstream:
         self._auth = (b"authorization", b"Bearer " + config.api_key.encode())
         self._base = config.base_url.rstrip("/") + "/"
         self._urls: dict[str, httpx.URL] = {}
-        self._client = httpx.AsyncClient(
-            base_url=config.base_url.rstrip("/") + "/",
-            timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s),
-            transport=transport or ShardedTransport(max_connections=config.max_connections),
-            follow_redirects=False,
-            trust_env=False,
+        self._host = (b"host", httpx.URL(self._base).netloc)
+        self._extensions = {"timeout": httpx.Timeout(
+            config.timeout_s, connect=config.connect_timeout_s).as_dict()}
+        self._transport = transport or AiohttpTransport(
+            max_connections=config.max_connections,
+            verify=ssl.create_default_context(cafile=certifi.where()),  # loaded once
         )
 
     def __repr__(self) -> str:
-        return f"Upstream(base_url={str(self._client.base_url)!r})"
+        return f"Upstream(base_url={self._base!r})"
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._transport.aclose()
 
     def _url(self, path: str, query: bytes) -> httpx.URL:
-        """The absolute URL (httpx parses a relative one and the base URL on every request);
-        the documented endpoints are parsed once."""
+        """The absolute URL; the documented endpoints are parsed once."""
         if query:
             return httpx.URL(self._base + path, query=query)
         url = self._urls.get(path)
@@ -155,15 +267,28 @@ class Upstream:
         stream: bool = False,
         before_retry: Callable[[], Awaitable[None]] | None = None,
     ) -> httpx.Response:
-        """Send with the organisation's key; raise `UpstreamUnavailable` when no answer came."""
-        url = self._url(path, query)
-        request = self._client.build_request(method, url, headers=[*headers, self._auth],
-                                             content=body or None)
+        """Send with the organisation's key; raise `UpstreamUnavailable` when no answer came.
+
+        With `stream`, the body is left to read (`aiter_bytes`) and the caller must `aclose()`
+        the response; otherwise it is read before returning."""
+        given = {name for name, _ in headers}
+        framing = [self._host]
+        if body or method in ("POST", "PUT", "PATCH"):
+            framing.append((b"content-length", str(len(body)).encode()))
+        # framing as httpx would add it, given here so that httpx need not work it out
+        request = httpx.Request(
+            method, self._url(path, query),
+            headers=[*framing, *(h for h in _DEFAULT_HEADERS if h[0] not in given), *headers,
+                     self._auth],
+            stream=httpx.ByteStream(body), extensions=self._extensions,
+        )
         attempt = 0
         while True:
             wait: float | None = None
             try:
-                response = await self._client.send(request, stream=stream)
+                response = await self._transport.handle_async_request(request)
+                if not stream:
+                    await _read(response)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                 if attempt >= self.retries:
                     raise _unavailable(exc) from None
@@ -181,6 +306,14 @@ class Upstream:
             await asyncio.sleep(max(wait or 0.0, backoff))
             if before_retry is not None:
                 await before_retry()
+
+
+async def _read(response: httpx.Response) -> None:
+    try:
+        await response.aread()
+    except BaseException:
+        await response.aclose()
+        raise
 
 
 def _unavailable(exc: httpx.TransportError) -> UpstreamUnavailable:

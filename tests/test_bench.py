@@ -17,7 +17,7 @@ from types import ModuleType
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CASES = ["a", "a2", "b", "c", "c2", "d", "e", "f", "g"]
+DEFAULT_CASES = ["a", "a2", "b", "c", "c_aio", "k", "d", "e", "f", "g"]
 INSTALL = {"wrk": "wrk", "nginx": "nginx", "redis-server": "redis-server"}
 
 
@@ -40,7 +40,7 @@ def test_bench_writes_a_row_of_numbers_per_case(tmp_path: Path) -> None:
                     f"apt-get install -y {' '.join(INSTALL[m] for m in missing)}")
     out = tmp_path / "RESULTS.md"
     argv = [sys.executable, "bench/run.py", "--duration", "1", "--runs", "1", "--connections",
-            "4", "--warmup", "0", "--out", str(out)]
+            "4", "--warmup", "0", "--single-duration", "1", "--out", str(out)]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
@@ -60,14 +60,18 @@ def test_bench_writes_a_row_of_numbers_per_case(tmp_path: Path) -> None:
     assert [row.split("|")[1].strip() for row in rows] == labels
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
-        _, rps, spread, p50, p99, vs_b, vs_c, vs_c2, added, added2, errors = cells
+        _, rps, spread, cpu, p50, p99, p50_1, vs_b, vs_aio, cpu_vs_aio, added, errors = cells
         assert float(rps) > 0 and float(p50) > 0 and float(p99) >= float(p50), row
+        assert float(p50_1) > 0, row
         assert re.fullmatch(r"\d+-\d+", spread), row
-        for ratio in (vs_b, vs_c, vs_c2):
+        assert re.fullmatch(r"\d+", cpu), row  # the server's own CPU time, from /proc
+        for ratio in (vs_b, vs_aio, cpu_vs_aio):
             assert re.fullmatch(r"\d+\.\d\dx", ratio), row
-        for latency in (added, added2):
-            assert re.fullmatch(r"[+-]\d+\.\d\d ms", latency), row
+        assert re.fullmatch(r"[+-]\d+\.\d\d ms", added), row
         assert errors == "0", row
+    cpu = {row.split("|")[1].strip(): int(row.split("|")[4]) for row in rows}
+    assert cpu[bench.CASES["e"].label] > 0  # the gateway (and its Redis) did work for its load
+    assert "LiteLLM" not in text  # opt-in: too slow to install for a smoke run
     # the gateways counted the answers the cases were meant to exercise
     assert re.search(r"gw_redis: .*200 HIT: \d+.*200 MISS: \d+", text)
 
