@@ -798,3 +798,14 @@ def test_scan_matches_a_glob_as_redis_does(pair: Pair) -> None:
         ours = sorted(pair.ours.scan(pattern))
         theirs = sorted(pair.raw("KEYS", pattern))
         assert ours == theirs, pattern
+
+
+def test_nested_replies_reach_a_script_as_tables(pair: Pair) -> None:
+    """XRANGE inside a script: tables in tables (the store reads its ledger this way)."""
+    for i in range(3):
+        pair.command("XADD", "stream", f"{i + 1}-0", "e", f"v{i}")
+    for source in ("return redis.call('XRANGE', KEYS[1], '-', '+')",
+                   "return redis.call('XRANGE', KEYS[1], '(1-0', '+', 'COUNT', 1)",
+                   "local t = redis.call('XRANGE', KEYS[1], '-', '+'); return {#t, t[2][2][2]}"):
+        ours, theirs = pair.script(source, ("stream",))
+        assert ours == theirs, source

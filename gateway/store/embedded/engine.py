@@ -122,7 +122,7 @@ class EmbeddedRedis:
             return reply
         if reply is None:
             return False
-        if kind is list:
+        if kind is list or kind is Nested:
             return self._lua_list(reply)  # type: ignore[arg-type]
         return self._scripting.status(reply)
 
@@ -136,7 +136,7 @@ class EmbeddedRedis:
     def _lua_list(self, items: list[Reply]) -> Any:
         """An array reply as Redis gives it to Lua: a table, nil elements as false."""
         if items.__class__ is Nested or None in items:
-            items = [False if item is None else self._lua_list(item) if item.__class__ is Nested
+            items = [False if item is None else self._lua_list(item) if isinstance(item, list)
                      else item for item in items]
         if len(items) > 1000:
             return self._scripting.table(items)
