@@ -3,6 +3,8 @@
     GET    /admin/v1/teams                       quota, budget, spent and remaining per team
     GET    /admin/v1/teams/{team}/ledger         one team's ledger, paged (?after=<id>&limit=);
                                                  from PostgreSQL when ledger.url is set
+    GET    /admin/v1/usage                       totals ?by=team,key,model,route,tag:<name>
+                                                 &period=day|month&since=&until=&team=
     GET    /admin/v1/keys                        every key id, its team, revoked or not, its
                                                  lifetime (?expiring_within=7d: only those)
     POST   /admin/v1/keys/{key_id}/revoke        refuse a key at once, on every replica
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -25,12 +27,15 @@ from starlette.routing import BaseRoute, Route
 
 from . import routes as api_routes
 from .auth import TeamKey, timestamp
-from .budget import from_milli, period_end, period_id
-from .config import ConfigError
+from .budget import from_milli, period_end, period_id, to_milli
+from .config import ConfigError, Key
 from .errors import InvalidRequest, NotFound, StoreUnavailable
 from .ledger import LedgerDB, LedgerUnavailable
+from .ledger.report import group, parse_by
+from .ledger.report import usage as ledger_usage
 from .runtime import Runtime
 from .store import StoreError
+from .store.base import BudgetUsage
 
 PREFIX = "/admin/v1"
 _ENTRY_ID = re.compile(r"[0-9]{1,15}-[0-9]{1,19}")  # patterns are used with fullmatch
@@ -42,6 +47,7 @@ def routes() -> list[BaseRoute]:
     return [
         Route(f"{PREFIX}/teams", teams, methods=["GET"]),
         Route(f"{PREFIX}/teams/{{team}}/ledger", ledger, methods=["GET"]),
+        Route(f"{PREFIX}/usage", usage, methods=["GET"]),
         Route(f"{PREFIX}/keys", keys, methods=["GET"]),
         Route(f"{PREFIX}/keys/{{key_id}}/revoke", revoke, methods=["POST", "DELETE"]),
         Route(f"{PREFIX}/cache", flush_cache, methods=["DELETE"]),
@@ -125,12 +131,67 @@ async def ledger(request: Request) -> Response:
     })
 
 
-def _event(entry_id: str, raw: bytes) -> dict[str, Any]:
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_PAGE = 1000
+
+
+async def usage(request: Request) -> Response:
+    """Totals grouped by team, key, model, route or tag (`by`), per day or month (`period`),
+    from the ledger of record when there is one, else from the store's ledger."""
+    runtime = _authorize(request)
+    params = request.query_params
+    try:
+        by = parse_by(params.get("by", "team"))
+    except ValueError as exc:
+        raise InvalidRequest(str(exc).replace("--by", "by")) from None
+    period = params.get("period")
+    if period not in (None, "day", "month"):
+        raise InvalidRequest("period must be day or month.")
+    team = params.get("team")
+    if team is not None and team not in runtime.policy.teams:
+        raise NotFound(f"No team named {team!r}.")
+    bounds = []
+    for name in ("since", "until"):
+        value = params.get(name)
+        if value is not None and not _DAY.fullmatch(value):
+            raise InvalidRequest(f"{name} must be a date, YYYY-MM-DD.")
+        try:
+            bounds.append(None if value is None else
+                          datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC))
+        except ValueError:
+            raise InvalidRequest(f"{name} must be a date, YYYY-MM-DD.") from None
+    since, until = bounds
+    record: LedgerDB | None = request.app.state.ledger
+    if record is not None:
+        try:
+            report = await ledger_usage(record, by, period=period,  # type: ignore[arg-type]
+                                        since=since, until=until, team=team)
+        except LedgerUnavailable:
+            raise StoreUnavailable("The ledger database is unreachable; retry shortly.") from None
+    else:
+        events = []
+        for name in [team] if team else list(runtime.policy.teams):
+            after = "-" if since is None else f"{int(since.timestamp() * 1000) - 1}-{2**64 - 1}"
+            while True:
+                page = await _store(runtime.store.ledger(name, after=after, limit=_PAGE))
+                events += [_event(e.id, e.event, milli=True) for e in page]
+                if len(page) < _PAGE:
+                    break
+                after = page[-1].id
+        if until is not None:
+            events = [e for e in events if e["time_ms"] < until.timestamp() * 1000]
+        report = group(events, by, period=period)  # type: ignore[arg-type]
+    return _json({"header": list(report.header), "rows": [list(row) for row in report.rows]})
+
+
+def _event(entry_id: str, raw: bytes, *, milli: bool = False) -> dict[str, Any]:
+    """A ledger entry as the API shows it: credits in credits (`milli`: as stored)."""
     event: dict[str, Any] = orjson.loads(raw)
     event["time_ms"] = int(entry_id.split("-", 1)[0])
-    for name in ("credits", "reserved", "saved"):
-        if name in event:
-            event[name] = from_milli(event[name])
+    if not milli:
+        for name in ("credits", "reserved", "saved"):
+            if name in event:
+                event[name] = from_milli(event[name])
     return event
 
 
@@ -147,10 +208,18 @@ async def keys(request: Request) -> Response:
         listed = runtime.policy.auth.expiring(now, int(days[1]) * 86400.0)
     revoked = {team: await _store(runtime.store.revoked(team))
                for team in {k.team for k in listed}}
-    return _json({"keys": [_key_state(k, k.key.id in revoked[k.team], now) for k in listed]})
+    budgeted = [k for k in listed if k.key.budget is not None]
+    usage = await _store(runtime.store.key_budgets([
+        (k.team, k.key.id, period_id(k.key.budget.period, now))
+        for k in budgeted if k.key.budget is not None]))
+    budgets = {k.key.id: _key_budget(k.key, used) for k, used in zip(budgeted, usage,
+                                                                      strict=True)}
+    return _json({"keys": [_key_state(k, k.key.id in revoked[k.team], now, budgets.get(k.key.id))
+                           for k in listed]})
 
 
-def _key_state(listed: TeamKey, revoked: bool, now: float) -> dict[str, Any]:
+def _key_state(listed: TeamKey, revoked: bool, now: float,
+               budget: dict[str, Any] | None) -> dict[str, Any]:
     key = listed.key
     start, end = timestamp(key.not_before, -math.inf), timestamp(key.expires_at, math.inf)
     return {
@@ -162,7 +231,19 @@ def _key_state(listed: TeamKey, revoked: bool, now: float) -> dict[str, Any]:
         "valid": start <= now < end,  # its current secret, on the clock, revocation aside
         "previous": [{"expires_at": _time(p.expires_at), "valid": now < p.expires_at.timestamp()}
                      for p in key.previous],
+        "requests_per_minute": key.requests_per_minute,
+        "requests_per_day": key.requests_per_day,
+        "budget": budget,
     }
+
+
+def _key_budget(key: Key, used: BudgetUsage) -> dict[str, Any]:
+    """A key's own budget in its current period (inside its team's)."""
+    assert key.budget is not None
+    limit = to_milli(key.budget.credits)
+    return {"credits": key.budget.credits, "period": key.budget.period,
+            "spent": from_milli(used.spent), "reserved": from_milli(used.reserved),
+            "remaining": from_milli(max(limit - used.spent - used.reserved, 0))}
 
 
 def _time(when: datetime | None) -> str | None:

@@ -248,18 +248,26 @@ def _usage(args: argparse.Namespace) -> int:
     db = _ledger_db(config)
     if db is not None:
         return _usage_report(args, db, since, until)
-    if args.by or args.period or until:
-        print("usage: --by, --period and --until read the ledger of record: set ledger.url",
-              file=sys.stderr)
-        return 2
     if config.store.url.startswith("memory://"):
         print("usage: memory:// keeps the ledger inside the running gateway; read it with "
-              "GET /admin/v1/teams/{team}/ledger, or use a Redis store", file=sys.stderr)
+              "GET /admin/v1/usage or GET /admin/v1/teams/{team}/ledger, or use a Redis store",
+              file=sys.stderr)
         return 1
     since_ms = int(since.timestamp() * 1000) if since else 0
     teams = [args.team] if args.team else list(config.teams)
     events = asyncio.run(_read_ledger(config, teams, since_ms))
-    if args.format == "csv":
+    if until is not None:
+        events = [e for e in events if e["time_ms"] < until.timestamp() * 1000]
+    if args.by or args.period:
+        from .ledger.report import group, parse_by
+
+        try:
+            by = parse_by(args.by or "team")
+        except ValueError as exc:
+            print(f"usage: {exc}", file=sys.stderr)
+            return 2
+        _print_report(args, group(events, by, period=args.period))
+    elif args.format == "csv":
         _print_csv(events)
     else:
         _print_totals(events, teams)
@@ -298,13 +306,17 @@ def _usage_report(args: argparse.Namespace, db: LedgerDB, since: datetime | None
     except LedgerUnavailable as exc:
         print(f"usage: {exc}", file=sys.stderr)
         return 1
+    _print_report(args, report)
+    return 0
+
+
+def _print_report(args: argparse.Namespace, report: Report) -> None:
     if args.format == "csv":
         writer = csv.writer(sys.stdout)
         writer.writerow(report.header)
         writer.writerows(report.rows)
     else:
         _print_table(report)
-    return 0
 
 
 def _print_table(report: Report) -> None:
@@ -331,8 +343,9 @@ async def _read_ledger(config: cfg.Config, teams: list[str], since_ms: int) -> l
                 page = await store.ledger(team, after=after, limit=1000)
                 for entry in page:
                     event = orjson.loads(entry.event)
-                    event["time"] = datetime.fromtimestamp(
-                        int(entry.id.split("-")[0]) / 1000, UTC).isoformat()
+                    event["time_ms"] = int(entry.id.split("-")[0])
+                    event["time"] = datetime.fromtimestamp(event["time_ms"] / 1000,
+                                                           UTC).isoformat()
                     events.append(event)
                 if len(page) < 1000:
                     break

@@ -140,6 +140,11 @@ class Key:
     not_before: datetime | None = None
     expires_at: datetime | None = None
     previous: tuple[PreviousKey, ...] = ()
+    # limits of this key inside its team's: a request must fit both
+    requests_per_minute: int | None = field(default=None,
+                                            metadata=_check(minimum=1, maximum=MANY))
+    requests_per_day: int | None = field(default=None, metadata=_check(minimum=1, maximum=MANY))
+    budget: Budget | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,6 +451,10 @@ def _validate(config: Config) -> None:
                 raise ConfigError(f"{where}.id: duplicate key id {key.id!r} (also {also})")
             seen_id[key.id] = where
             _validate_lifetime(key, where)
+            if owner == "admin" and (key.requests_per_minute or key.requests_per_day
+                                     or key.budget):
+                raise ConfigError(f"{where}: admin keys take no requests_per_minute, "
+                                  "requests_per_day or budget (they are not proxied)")
     problem = _base_url_problem(config.upstream.base_url)
     if problem is not None:
         raise ConfigError(f"upstream.base_url: {problem}")

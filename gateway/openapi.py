@@ -360,6 +360,29 @@ def _admin_paths() -> Json:
                  "schema": {"type": "integer", "default": 100}},
             ],
         )},
+        f"{ADMIN}/usage": {"get": _admin_operation(
+            "getUsage", "Usage totals grouped by team, key, model, route or tag, per day or "
+            "month (from the PostgreSQL ledger of record when ledger.url is set, else from the "
+            "store's ledger)",
+            _admin_ok("#/components/schemas/Usage"),
+            _admin_errors(400, 404, 503, bad_request="`by`, `period`, `since` or `until` is "
+                          "not valid.", not_found="No team with this name."),
+            parameters=[
+                {"name": "by", "in": "query", "required": False,
+                 "description": "Comma-separated: team, key, model, route, tag:<name>.",
+                 "schema": {"type": "string", "default": "team"}},
+                {"name": "period", "in": "query", "required": False,
+                 "schema": {"type": "string", "enum": ["day", "month"]}},
+                {"name": "since", "in": "query", "required": False,
+                 "description": "From this day (UTC), included.",
+                 "schema": {"type": "string", "format": "date"}},
+                {"name": "until", "in": "query", "required": False,
+                 "description": "Up to this day (UTC), excluded.",
+                 "schema": {"type": "string", "format": "date"}},
+                {"name": "team", "in": "query", "required": False,
+                 "description": "Only this team.", "schema": {"type": "string"}},
+            ],
+        )},
         f"{ADMIN}/keys": {"get": _admin_operation(
             "listKeys", "Every team key's id, its team, whether it is revoked, and its lifetime",
             _admin_ok("#/components/schemas/KeyList"),
@@ -737,6 +760,28 @@ def _schemas() -> Json:
                                        "properties": {"expires_at": {"type": "string",
                                                                      "format": "date-time"},
                                                       "valid": {"type": "boolean"}}}},
+                "requests_per_minute": {"type": "integer", "nullable": True,
+                                        "description": "The key's own quota, inside its team's."},
+                "requests_per_day": {"type": "integer", "nullable": True},
+                "budget": {
+                    "type": "object", "nullable": True,
+                    "description": "The key's own budget in its current period, inside its "
+                                   "team's; null when it has none.",
+                    "required": ["credits", "period", "spent", "reserved", "remaining"],
+                    "properties": {"credits": number, "period": string, "spent": number,
+                                   "reserved": number, "remaining": number},
+                },
+            },
+        },
+        "Usage": {
+            "type": "object",
+            "required": ["header", "rows"],
+            "properties": {
+                "header": {"type": "array", "items": string,
+                           "description": "period (if asked), the `by` fields, then requests, "
+                                          "cached, refunded, credits, saved."},
+                "rows": {"type": "array", "items": {"type": "array", "items": {
+                    "oneOf": [string, number]}}},
             },
         },
         "CacheFlush": {

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from . import quota as quotas
 from .attribution import TagRules
 from .auth import Authenticator
 from .budget import to_milli
-from .config import Budget, Config
+from .config import Budget, Config, Key
+from .quota import Quota, policy_header
 from .settlement import CacheRules
 from .store.base import LedgerTrim, Pace
 
@@ -17,13 +18,30 @@ MARGIN_S = 5.0  # a lock outlives its holder's deadline by this much
 
 
 @dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    """A key's own limits inside its team's; `quotas` and `policy_header` include the team's."""
+
+    quotas: tuple[Quota, ...]
+    budget: Budget | None
+    budget_limit: int | None  # millicredits
+    policy_header: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
 class TeamPolicy:
     name: str
-    quotas: tuple[quotas.Quota, ...]
+    quotas: tuple[Quota, ...]
     budget: Budget | None
     budget_limit: int | None  # millicredits
     models: frozenset[str] | None
     policy_header: bytes | None  # RateLimit-Policy
+    keys: Mapping[str, KeyPolicy] = field(default_factory=dict)  # keys with limits of their own
+
+    def limits(self, key_id: str) -> tuple[tuple[Quota, ...], bytes | None]:
+        """The quota windows a request of `key_id` must fit, and their RateLimit-Policy."""
+        key = self.keys.get(key_id)
+        return (self.quotas, self.policy_header) if key is None else (key.quotas,
+                                                                     key.policy_header)
 
 
 class Policy:
@@ -40,18 +58,16 @@ class Policy:
         self.tags = TagRules(config.attribution)
         self.key_owner: dict[str, str] = {}
         for name, team in config.teams.items():
-            windows = []
-            if team.requests_per_minute is not None:
-                windows.append(quotas.Quota("minute", team.requests_per_minute, 60.0))
-            if team.requests_per_day is not None:
-                windows.append(quotas.Quota("day", team.requests_per_day, 86400.0))
+            windows = _windows(team.requests_per_minute, team.requests_per_day)
             self.teams[name] = TeamPolicy(
                 name=name,
-                quotas=tuple(windows),
+                quotas=windows,
                 budget=team.budget,
                 budget_limit=to_milli(team.budget.credits) if team.budget else None,
                 models=frozenset(team.models) if team.models is not None else None,
-                policy_header=quotas.policy_header(tuple(windows)).encode() if windows else None,
+                policy_header=_header(windows),
+                keys={key.id: _key_policy(key, windows) for key in team.keys
+                      if key.requests_per_minute or key.requests_per_day or key.budget},
             )
             for key in team.keys:
                 self.key_owner[key.id] = name
@@ -78,3 +94,26 @@ class Policy:
         """What the ledger keeps: `ledger.retention_days` back from `now`, `max_entries` long."""
         ledger = self.config.ledger
         return LedgerTrim(int((now - ledger.retention_days * 86400) * 1000), ledger.max_entries)
+
+
+def _windows(per_minute: int | None, per_day: int | None,
+             key: str = "") -> tuple[Quota, ...]:
+    """A team's (or, with `key`, a key's) quota windows; a key's are named `key-minute` in the
+    headers and kept in its own store fields."""
+    prefix, out = ("key-" if key else ""), []
+    for window, limit, period_s in (("minute", per_minute, 60.0), ("day", per_day, 86400.0)):
+        if limit is not None:
+            out.append(Quota(prefix + window, limit, period_s,
+                                    field=f"k:{key}:{window}" if key else "", key=key))
+    return tuple(out)
+
+
+def _header(windows: tuple[Quota, ...]) -> bytes | None:
+    return policy_header(windows).encode() if windows else None
+
+
+def _key_policy(key: Key, team_windows: tuple[Quota, ...]) -> KeyPolicy:
+    windows = team_windows + _windows(key.requests_per_minute, key.requests_per_day, key.id)
+    return KeyPolicy(quotas=windows, budget=key.budget,
+                     budget_limit=to_milli(key.budget.credits) if key.budget else None,
+                     policy_header=_header(windows))

@@ -25,6 +25,7 @@ from .asgi import (
     request_id_of,
     send_reply,
 )
+from .attribution import IGNORED_HEADER
 from .budget import from_milli
 from .cache import decode_entry, encode_entry
 from .errors import (
@@ -74,6 +75,7 @@ class Exchange:
     reason: str | None = None
     policy_header: bytes | None = None
     quotas: tuple[QuotaState, ...] = ()
+    tags_ignored: str | None = None
     streaming: bool = False  # the answer has started: no other answer can be sent
 
 
@@ -119,7 +121,7 @@ class Proxy:
         principal = await policy.auth.authenticate(head.authorization, self.rt.clock())
         ex.team, ex.key_id = principal.team, principal.key_id
         team = policy.teams[principal.team]
-        ex.policy_header = team.policy_header
+        ex.policy_header = team.limits(principal.key_id)[1]
         limit = policy.config.listen.max_body_bytes
         if head.content_length is not None and head.content_length > limit:
             raise RequestTooLarge(f"The request body is larger than {limit} bytes.")
@@ -129,6 +131,7 @@ class Proxy:
                     path=path, route=ex.route, query=scope["query_string"], head=head,
                     raw_headers=scope["headers"], body=body, payload=payload, model=ex.model,
                     ticket=self.rt.ticket(), now=self.rt.clock())
+        ex.tags_ignored = req.tags_ignored
         if req.cache is None or not req.lookup:
             ex.cache = "bypass"
         if head.cache_control is not None and req.cache is not None and not req.lookup:
@@ -343,18 +346,25 @@ class Proxy:
                    ex: Exchange) -> GatewayError:
         team = req.team
         if verdict is Verdict.QUOTA:
-            ex.reason = "quota"
             spent = [s.quota for s in result.quotas if s.remaining <= 0]
-            which = ", ".join(f"{q.limit} requests per {q.name}" for q in spent) or "quota"
-            return RateLimited(f"Team quota exceeded ({which}).", wait_s=result.retry_after_s)
+            keyed = [q for q in spent if q.key]
+            ex.reason = "key_quota" if keyed else "quota"
+            level = f"Key {req.key_id!r} quota" if keyed else "Team quota"
+            which = ", ".join(f"{q.limit} requests per {q.name.removeprefix('key-')}"
+                              for q in (keyed or spent)) or "quota"
+            return RateLimited(f"{level} exceeded ({which}).", wait_s=result.retry_after_s)
         if verdict in (Verdict.BUDGET, Verdict.KEY_BUDGET):
-            ex.reason = "budget"
-            limit = team.budget_limit or 0
-            remaining = from_milli(max(limit - (result.budget_used or 0), 0))
+            key = team.keys.get(req.key_id) if verdict is Verdict.KEY_BUDGET else None
+            budget, limit, used = ((key.budget, key.budget_limit, result.key_budget_used)
+                                   if key is not None else
+                                   (team.budget, team.budget_limit, result.budget_used))
+            ex.reason = "key_budget" if key is not None else "budget"
+            remaining = from_milli(max((limit or 0) - (used or 0), 0))
             needed = from_milli(req.billing.price)
-            period = team.budget.period if team.budget else "period"
+            level = f"Key {req.key_id!r} budget" if key is not None else "Team budget"
+            period = budget.period if budget else "period"
             return InsufficientCredits(
-                f"Team budget exhausted for this {period}: {remaining} credits remaining, "
+                f"{level} exhausted for this {period}: {remaining} credits remaining, "
                 f"{needed} needed.")
         if verdict is Verdict.PACE:
             ex.reason = "pace"
@@ -381,6 +391,8 @@ class Proxy:
         headers.append((b"x-request-id", ex.request_id.encode()))
         if ex.team != "unknown":
             headers.append((b"x-cache", _X_CACHE.get(ex.cache, b"BYPASS")))
+        if ex.tags_ignored is not None:
+            headers.append((IGNORED_HEADER, ex.tags_ignored.encode()))
         if ex.policy_header is not None:
             headers.append((b"ratelimit-policy", ex.policy_header))
             if ex.quotas:

@@ -16,15 +16,23 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Quota:
-    """`limit` requests per `period_s`, with a burst of up to `limit`."""
+    """`limit` requests per `period_s`, with a burst of up to `limit`. `name` is what the
+    `RateLimit` headers call it; `field` where the store keeps its state (a key's windows sit
+    beside its team's); `key` the key id it limits ('' = the whole team)."""
 
     name: str
     limit: int
     period_s: float
+    field: str = ""
+    key: str = ""
 
     @property
     def period_ms(self) -> float:
         return self.period_s * 1000.0
+
+    @property
+    def store_field(self) -> str:
+        return self.field or self.name
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ import orjson
 
 from . import inbound, routes
 from .asgi import Headers
+from .attribution import TAGS_HEADER, parse_tags
 from .budget import period_id, to_milli
 from .cache import canonical_json, client_directive, request_digest
 from .errors import InvalidRequest, NotFound, PermissionDenied
@@ -40,13 +41,14 @@ class ParsedRequest:
     billing: Billing
     admission: Admission
     deadline_s: float  # the whole upstream call, pacing wait and retries included
+    tags_ignored: str | None  # what `X-Gateway-Tags-Ignored` tells the client, if anything
 
 
 class Head:
     """The few request headers the gateway reads, found in one pass."""
 
     __slots__ = ("authorization", "cache_control", "content_length", "content_type",
-                 "idempotency_key")
+                 "idempotency_key", "tags")
 
     def __init__(self, headers: Headers) -> None:
         self.authorization: bytes | None = None
@@ -54,6 +56,7 @@ class Head:
         self.content_type: bytes | None = None
         self.idempotency_key: bytes | None = None
         self.content_length: int | None = None
+        self.tags: bytes | None = None
         for name, value in headers:
             if name == b"authorization":
                 self.authorization = value
@@ -67,6 +70,8 @@ class Head:
                 self.cache_control = value
             elif name == b"idempotency-key":
                 self.idempotency_key = value.strip()
+            elif name == TAGS_HEADER:  # repeated: one list
+                self.tags = value if self.tags is None else self.tags + b"," + value
 
 
 def read_json(method: str, body: bytes, content_type: bytes | None
@@ -124,14 +129,22 @@ def parse(policy: Policy, team: TeamPolicy, key_id: str, *, request_id: str, met
             raise InvalidRequest("Idempotency-Key must be 1 to 255 visible ASCII characters.")
         idempotency = (key_digest(key.decode()), request_digest(path.encode(), query, body))
 
-    context = orjson.dumps({"event_id": ticket, "team": team.name, "key_id": key_id,
-                            "model": model, "route": route, "request_id": request_id})
+    tags, tags_ignored = parse_tags(head.tags, policy.tags)
+    fields: dict[str, Any] = {"event_id": ticket, "team": team.name, "key_id": key_id,
+                              "model": model, "route": route, "request_id": request_id}
+    if tags:
+        fields["tags"] = tags  # ledger fields only, never metric labels
+    context = orjson.dumps(fields)
     price = 0
     reservation = None
+    limits = team.keys.get(key_id)
     if method == "POST":
         price = to_milli(config.price(model or ""))
         period = period_id(team.budget.period if team.budget else "month", now)
-        reservation = Reservation(ticket, period, price, context)
+        # a key with a budget of its own: its counters are named by key and by its own period
+        counters = (f"{key_id}/{period_id(limits.budget.period, now)}"
+                    if limits and limits.budget else "")
+        reservation = Reservation(ticket, period, price, context, key=counters)
     hold_ms, deadline_s = (policy.stream_hold_ms, policy.stream_deadline_s) if stream else (
         policy.hold_ms, policy.deadline_s)
     admission = Admission(
@@ -139,12 +152,13 @@ def parse(policy: Policy, team: TeamPolicy, key_id: str, *, request_id: str, met
         key_id=key_id,
         ticket=ticket,
         hold_ms=hold_ms,
-        quotas=team.quotas,
+        quotas=team.limits(key_id)[0],
         idempotency=idempotency,
         task_id=task_id,
         cache=cache if lookup else None,
         reservation=reservation,
         budget_limit=team.budget_limit,
+        key_budget_limit=limits.budget_limit if limits else None,
         pace=policy.pace,
         hit_event=context if lookup and method == "POST" else None,
         ledger=policy.ledger_trim(now),
@@ -158,7 +172,7 @@ def parse(policy: Policy, team: TeamPolicy, key_id: str, *, request_id: str, met
                               json_body=payload is not None)
     return ParsedRequest(request_id, method, path, route, query, team, key_id, model, headers,
                          body, stream, task_id, cache, lookup, flight, billing, admission,
-                         deadline_s)
+                         deadline_s, tags_ignored)
 
 
 def _kind(method: str, path: str) -> Kind:

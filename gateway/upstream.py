@@ -39,7 +39,7 @@ HOP_BY_HOP = frozenset({
 # (Idempotency-Key, Cache-Control) and what would reveal the organisation's network.
 _DROP_REQUEST = HOP_BY_HOP | {
     b"host", b"authorization", b"cookie", b"content-length", b"expect", b"accept-encoding",
-    b"idempotency-key", b"cache-control", b"forwarded", b"x-real-ip",
+    b"idempotency-key", b"cache-control", b"forwarded", b"x-real-ip", b"x-gateway-tags",
 }
 # Dropped from the upstream's answer: framing httpx has undone, cookies, and the account's own
 # rate-limit state (the team sees its quota instead).

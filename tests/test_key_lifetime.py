@@ -85,7 +85,9 @@ def test_keys_expiring_soon_in_the_admin_api_and_the_metric(
     assert list(every) == ["research-key", "in-3d", "in-20d", "gone", "later", "marketing-key"]
     assert every["research-key"] == {"id": "research-key", "team": "research", "revoked": False,
                                      "not_before": None, "expires_at": None, "valid": True,
-                                     "previous": []}
+                                     "previous": [],
+                                     "requests_per_minute": None, "requests_per_day": None,
+                                     "budget": None}
     assert every["in-20d"]["not_before"] == "2031-04-26T12:00:00Z"
     assert every["in-20d"]["expires_at"] == "2031-05-21T12:00:00Z"
     assert not every["gone"]["valid"] and not every["later"]["valid"]

@@ -1,11 +1,13 @@
-"""Usage reports from the ledger of record: totals grouped by team, key, model, route or tag,
-per day or month (UTC). `--by` is checked here, and every value reaches SQL as a parameter."""
+"""Usage reports: totals grouped by team, key, model, route or tag, per day or month (UTC),
+from the ledger of record (SQL, every value a parameter) or, without one, from the store's
+ledger events (`group`). `--by` is checked here."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from ..budget import from_milli
@@ -91,3 +93,35 @@ async def usage(db: LedgerDB, by: tuple[str, ...], *, period: Period | None = No
         values[-2:] = [from_milli(values[-2]), from_milli(values[-1])]
         rows.append(tuple("" if v is None else v for v in values))
     return Report(header, rows)
+
+
+def group(events: Iterable[dict[str, Any]], by: tuple[str, ...], *,
+          period: Period | None = None) -> Report:
+    """The same report from ledger events (the store's own ledger, without PostgreSQL); each
+    event has its `time_ms`."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for event in events:
+        key = []
+        if period is not None:
+            when = datetime.fromtimestamp(event["time_ms"] / 1000, UTC)
+            key.append(when.strftime("%Y-%m-%d" if period == "day" else "%Y-%m"))
+        for name in by:
+            tag = _TAG.fullmatch(name)
+            tags = event.get("tags")
+            value = (tags.get(tag.group(1)) if isinstance(tags, dict) else None) if tag else (
+                event.get(COLUMNS[name]))
+            key.append(value if isinstance(value, str) else "")
+        totals = groups.setdefault(tuple(key), [0, 0, 0, 0, 0])
+        totals[0] += 1
+        totals[1] += bool(event.get("cached"))
+        totals[2] += event.get("kind") == "refund"
+        totals[3] += _milli(event.get("credits"))
+        totals[4] += _milli(event.get("saved"))
+    header = (*(("period",) if period else ()), *by, *TOTALS)
+    rows = [(*key, n, cached, refunded, from_milli(credits), from_milli(saved))
+            for key, (n, cached, refunded, credits, saved) in sorted(groups.items())]
+    return Report(header, rows)
+
+
+def _milli(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0

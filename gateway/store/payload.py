@@ -42,7 +42,7 @@ def admit(a: Admission) -> Args:
         "key": a.key_id,
         "hold_ms": a.hold_ms,
         "count": a.count_quota,
-        "quotas": [[q.name, q.limit, q.period_ms] for q in a.quotas] or None,
+        "quotas": [[q.store_field, q.limit, q.period_ms] for q in a.quotas] or None,
         "idem": {"fp": idem[1], "ttl_ms": IDEMPOTENCY_TTL_MS} if idem else None,
         "task": True if a.task_id else None,
         "cache": True if a.cache else None,

@@ -172,10 +172,20 @@ class ScriptStore:
     # -- operators' reads and writes -------------------------------------------------------------
 
     async def budgets(self, teams: Sequence[tuple[str, str]]) -> list[BudgetUsage]:
+        """(team, period) -> what the team spent and holds in that period."""
+        return await self._usage([(team, f"spent:{period}", f"reserved:{period}")
+                                  for team, period in teams])
+
+    async def key_budgets(self, keys: Sequence[tuple[str, str, str]]) -> list[BudgetUsage]:
+        """(team, key id, period) -> what the key spent and holds from its own budget."""
+        return await self._usage([(team, f"k:{key}/{period}:spent", f"k:{key}/{period}:reserved")
+                                  for team, key, period in keys])
+
+    async def _usage(self, fields: Sequence[tuple[str, str, str]]) -> list[BudgetUsage]:
         calls: list[Call] = [
             ("command", [self.keys.team(team, "budget")],
-             [orjson.dumps({"cmd": "HMGET", "args": [f"spent:{period}", f"reserved:{period}"]})])
-            for team, period in teams
+             [orjson.dumps({"cmd": "HMGET", "args": [spent, reserved]})])
+            for team, spent, reserved in fields
         ]
         out = []
         for reply in await self.engine.run_many(calls):

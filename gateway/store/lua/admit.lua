@@ -143,8 +143,7 @@ local r = p.resv
 local used, key_used = nil, nil
 if r then
   local held = redis.call('HMGET', KEYS[7], 'spent:' .. r.period, 'reserved:' .. r.period,
-                          'k:' .. r.key .. ':spent:' .. r.period,
-                          'k:' .. r.key .. ':reserved:' .. r.period)
+                          'k:' .. r.key .. ':spent', 'k:' .. r.key .. ':reserved')
   if p.budget then
     used = (tonumber(held[1]) or 0) + (tonumber(held[2]) or 0)
     if used + r.amount > p.budget then

@@ -33,17 +33,18 @@ local function take_reservation(hash, id)
   return period, tonumber(amount), key, context
 end
 
--- Move `amount` out of (or, negative, into) a period's `reserved`, for the team and its key.
+-- Move `amount` out of (or, negative, into) a period's `reserved`, for the team and, when
+-- `key` is set ("<key id>/<its own period>"), for the key's own budget.
 local function unreserve(hash, period, amount, key)
   if amount == 0 then return end
   redis.call('HINCRBY', hash, 'reserved:' .. period, -amount)
-  if key ~= '' then redis.call('HINCRBY', hash, 'k:' .. key .. ':reserved:' .. period, -amount) end
+  if key ~= '' then redis.call('HINCRBY', hash, 'k:' .. key .. ':reserved', -amount) end
 end
 
 local function spend(hash, period, amount, key)
   if amount == 0 then return end
   redis.call('HINCRBY', hash, 'spent:' .. period, amount)
-  if key ~= '' then redis.call('HINCRBY', hash, 'k:' .. key .. ':spent:' .. period, amount) end
+  if key ~= '' then redis.call('HINCRBY', hash, 'k:' .. key .. ':spent', amount) end
 end
 
 -- A ledger event: the reservation's JSON context (an object) with the outcome's fields added.
