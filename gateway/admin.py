@@ -10,7 +10,8 @@
     POST   /admin/v1/keys/{key_id}/revoke        refuse a key at once, on every replica
     DELETE /admin/v1/keys/{key_id}/revoke        accept it again
     DELETE /admin/v1/cache                       flush the cache (?route=...&team=...)
-    POST   /admin/v1/reload                      re-read the config file
+    POST   /admin/v1/reload                      re-read the config file, on every process
+    GET    /admin/v1/audit                       who did what: admin actions, config changes
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from . import audit
 from . import routes as api_routes
 from .auth import TeamKey, timestamp
 from .budget import from_milli, period_end, period_id, to_milli
@@ -52,6 +54,7 @@ def routes() -> list[BaseRoute]:
         Route(f"{PREFIX}/keys/{{key_id}}/revoke", revoke, methods=["POST", "DELETE"]),
         Route(f"{PREFIX}/cache", flush_cache, methods=["DELETE"]),
         Route(f"{PREFIX}/reload", reload, methods=["POST"]),
+        Route(f"{PREFIX}/audit", audit_log, methods=["GET"]),
     ]
 
 
@@ -62,7 +65,7 @@ def _json(data: Any, status: int = 200) -> Response:
 def _authorize(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     authorization = request.headers.get("authorization", "").encode("latin-1")
-    runtime.policy.auth.admin(authorization, runtime.clock())
+    request.state.admin = runtime.policy.auth.admin(authorization, runtime.clock())
     return runtime
 
 
@@ -258,6 +261,8 @@ async def revoke(request: Request) -> Response:
         raise NotFound(f"No team key with id {key_id!r}.")
     revoked = request.method == "POST"
     await _store(runtime.revoke(team, key_id, revoked))
+    await audit.record(runtime.store, request.state.admin, "revoke" if revoked else "unrevoke",
+                       team=team, key_id=key_id)
     return _json({"id": key_id, "team": team, "revoked": revoked})
 
 
@@ -270,6 +275,8 @@ async def flush_cache(request: Request) -> Response:
     if team is not None and team not in runtime.policy.teams:
         raise NotFound(f"No team named {team!r}.")
     removed = await _store(runtime.store.flush_cache(route=route, team=team))
+    await audit.record(runtime.store, request.state.admin, "cache.flush", route=route,
+                       team=team, removed=removed)
     return _json({"removed": removed})
 
 
@@ -280,6 +287,22 @@ async def reload(request: Request) -> Response:
     if runtime.config_path is None:
         raise InvalidRequest("This gateway was not started from a config file.")
     try:
-        return _json(await runtime.reload_everywhere())
+        return _json(await runtime.reload_everywhere(request.state.admin))
     except ConfigError as exc:
         raise InvalidRequest(f"The running config was kept: {exc}") from None
+
+
+async def audit_log(request: Request) -> Response:
+    """The audit log, oldest first, paged like a ledger (?after=<id>&limit=)."""
+    runtime = _authorize(request)
+    raw_limit = request.query_params.get("limit", "100")
+    if not _LIMIT.fullmatch(raw_limit):
+        raise InvalidRequest("limit must be a whole number.")
+    limit = min(max(int(raw_limit), 1), 1000)
+    after = request.query_params.get("after", "-")
+    if after != "-" and not _ENTRY_ID.fullmatch(after):
+        raise InvalidRequest("after must be an entry id from a previous page.")
+    entries = await _store(runtime.store.audit_log(after=after, limit=limit))
+    out = [{"id": e.id, "time_ms": int(e.id.split("-", 1)[0]), **orjson.loads(e.event)}
+           for e in entries]
+    return _json({"entries": out, "next": out[-1]["id"] if len(out) == limit else None})

@@ -149,7 +149,7 @@ def create_app_from_env() -> Gateway:
 def _reload_on_signal(runtime: Runtime) -> None:
     async def reload() -> None:
         try:
-            await runtime.reload_everywhere(wait_s=0)
+            await runtime.reload_everywhere("SIGHUP", wait_s=0)
         except cfg.ConfigError as exc:
             log.error("config reload refused: %s", exc)
 

@@ -360,6 +360,21 @@ def _admin_paths() -> Json:
                  "schema": {"type": "integer", "default": 100}},
             ],
         )},
+        f"{ADMIN}/audit": {"get": _admin_operation(
+            "getAudit", "The audit log, oldest first, paged: admin actions (revoke, unrevoke, "
+            "cache.flush, reload) with who did them and what changed (key ids, never secrets)",
+            _admin_ok("#/components/schemas/Audit"),
+            _admin_errors(400, 503, bad_request="`limit` is not a whole number, or `after` "
+                          "is not an entry id."),
+            parameters=[
+                {"name": "after", "in": "query", "required": False,
+                 "description": "Only entries after this one: the `next` of the previous page.",
+                 "schema": {"type": "string", "default": "-"}},
+                {"name": "limit", "in": "query", "required": False,
+                 "description": "Entries per page; values outside 1..1000 are brought into it.",
+                 "schema": {"type": "integer", "default": 100}},
+            ],
+        )},
         f"{ADMIN}/usage": {"get": _admin_operation(
             "getUsage", "Usage totals grouped by team, key, model, route or tag, per day or "
             "month (from the PostgreSQL ledger of record when ledger.url is set, else from the "
@@ -771,6 +786,17 @@ def _schemas() -> Json:
                     "properties": {"credits": number, "period": string, "spent": number,
                                    "reserved": number, "remaining": number},
                 },
+            },
+        },
+        "Audit": {
+            "type": "object",
+            "required": ["entries", "next"],
+            "properties": {
+                "entries": {"type": "array", "items": {
+                    "type": "object", "required": ["id", "time_ms", "actor", "action"],
+                    "properties": {"id": string, "time_ms": {"type": "integer"},
+                                   "actor": string, "action": string}}},
+                "next": {**string, "nullable": True},
             },
         },
         "Usage": {

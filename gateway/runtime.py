@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from . import audit
 from . import config as cfg
 from .bookkeeping import Bookkeeper
 from .budget import from_milli, period_id
@@ -33,8 +34,9 @@ RESTART_SECTIONS = ("listen", "store", "upstream")  # what a reload cannot chang
 class Reloaded:
     applied: list[str]  # config sections changed and applied
     restart_needed: list[str]  # changed, but they keep running as they are until a restart
+    changes: dict[str, Any]  # what changed, by team and key id (audit.config_changes)
 
-    def asdict(self) -> dict[str, list[str]]:
+    def asdict(self) -> dict[str, Any]:
         return {"applied": self.applied, "restart_needed": self.restart_needed}
 
 
@@ -95,13 +97,17 @@ class Runtime:
             "applied": applied, "restart_needed": restart}})
         if restart:
             log.warning("config reload: changes to %s apply after a restart", ", ".join(restart))
-        return Reloaded(applied, restart)
+        return Reloaded(applied, restart, audit.config_changes(old, new))
 
-    async def reload_everywhere(self, *, wait_s: float = 2 * HEARTBEAT_S + 1) -> dict[str, Any]:
+    async def reload_everywhere(self, actor: str, *,
+                                wait_s: float = 2 * HEARTBEAT_S + 1) -> dict[str, Any]:
         """Reload here, then have every other process sharing the store reload too: a new
         config generation goes to the store, and each process reloads its own file at its next
-        heartbeat. Waits up to `wait_s` for them, and says truthfully who did."""
+        heartbeat. Waits up to `wait_s` for them, and says truthfully who did. `actor` (an
+        admin key id, or `SIGHUP`) goes to the audit log with what changed."""
         reloaded = self.reload()
+        await audit.record(self.store, actor, "reload", applied=reloaded.applied,
+                           restart_needed=reloaded.restart_needed, changes=reloaded.changes)
         try:
             self.generation = await self.store.bump_config()
         except StoreError:

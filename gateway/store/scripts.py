@@ -228,6 +228,16 @@ class ScriptStore:
     async def flush_cache(self, *, route: str | None = None, team: str | None = None) -> int:
         return await self.engine.delete_matching(self.keys.cache_pattern(route=route, team=team))
 
+    async def audit(self, entry: bytes, max_entries: int) -> None:
+        """Append to the audit stream (organisation-wide, bounded)."""
+        await self._command(self.keys.org("audit"), "XADD", "MAXLEN", max_entries, "*", "e",
+                            entry.decode())
+
+    async def audit_log(self, *, after: str = "-", limit: int = 100) -> list[LedgerEntry]:
+        start = after if after == "-" else f"({after}"
+        rows = await self._command(self.keys.org("audit"), "XRANGE", start, "+", "COUNT", limit)
+        return [LedgerEntry(_text(rid), _field(fields, b"e")) for rid, fields in rows or []]
+
     async def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
         """Take the lock, or extend it if `owner` holds it already."""
         held = await self.engine.run("lock", [self.keys.org(name)],
