@@ -183,7 +183,14 @@ class Runtime:
             self.metrics.store_errors.labels("admit").inc()
             raise StoreUnavailable()
         try:
-            return await self.store.admit(admission), self.store
+            result = await self.store.admit(admission)
+            if (result.verdict is Verdict.NOT_FOUND and self._fallback is not None
+                    and self.bookkeeper.pending):
+                # a task created while the store was away: its owner may still be on the way
+                local = await self._fallback.admit(replace(admission, count_quota=False))
+                if local.verdict is not Verdict.NOT_FOUND:
+                    return replace(local, quotas=result.quotas), self._fallback
+            return result, self.store
         except StoreError as exc:
             self.metrics.store_errors.labels("admit").inc()
             if exc.maybe_ran:  # the script may still run once the store answers: undo it then
