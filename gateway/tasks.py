@@ -40,8 +40,7 @@ class Reconciler:
         while True:
             await asyncio.sleep(self.interval_s)
             try:
-                if await self.rt.store.try_lock("reconciler", self._owner,
-                                                int(self.interval_s * 1000)):
+                if await self._hold():
                     await self.once()
             except StoreError:
                 continue
@@ -55,6 +54,8 @@ class Reconciler:
         settled = 0
         alive: set[str] | None = None
         for team in list(self.rt.policy.teams):
+            if not await self._hold():  # the round took longer than its lock: another began
+                break
             overdue = [r for r in await store.reservations(team) if r.deadline_ms <= now_ms]
             if not overdue:
                 continue
@@ -74,6 +75,11 @@ class Reconciler:
                 self.rt.settled(team, r.period, result)
                 settled += result.settled and decision.charge is not Charge.HOLD
         return settled
+
+    async def _hold(self) -> bool:
+        """Take (or keep) the round's lock: one replica at a time, and rounds never overlap."""
+        return await self.rt.store.try_lock("reconciler", self._owner,
+                                            int(max(self.interval_s, 60.0) * 1000))
 
     def _completion(self, team: str, r: PendingReservation, decision: Decision) -> Completion:
         base = Completion(team=team, ticket=self._owner, reservation_id=r.id, period=r.period,
