@@ -69,6 +69,17 @@ def _authorize(request: Request) -> Runtime:
     return runtime
 
 
+def _page(request: Request) -> tuple[str, int]:
+    """`after` and `limit` of a paged stream (a ledger, the audit log), checked."""
+    raw_limit = request.query_params.get("limit", "100")
+    if not _LIMIT.fullmatch(raw_limit):
+        raise InvalidRequest("limit must be a whole number.")
+    after = request.query_params.get("after", "-")
+    if after != "-" and not _ENTRY_ID.fullmatch(after):
+        raise InvalidRequest("after must be an entry id from a previous page.")
+    return after, min(max(int(raw_limit), 1), 1000)
+
+
 async def _store(call: Any) -> Any:
     try:
         return await call
@@ -111,13 +122,7 @@ async def ledger(request: Request) -> Response:
     team = request.path_params["team"]
     if team not in runtime.policy.teams:
         raise NotFound(f"No team named {team!r}.")
-    raw_limit = request.query_params.get("limit", "100")
-    if not _LIMIT.fullmatch(raw_limit):
-        raise InvalidRequest("limit must be a whole number.")
-    limit = min(max(int(raw_limit), 1), 1000)
-    after = request.query_params.get("after", "-")
-    if after != "-" and not _ENTRY_ID.fullmatch(after):
-        raise InvalidRequest("after must be an entry id from a previous page.")
+    after, limit = _page(request)
     record: LedgerDB | None = request.app.state.ledger
     if record is not None:  # the ledger of record, when configured
         try:
@@ -295,13 +300,7 @@ async def reload(request: Request) -> Response:
 async def audit_log(request: Request) -> Response:
     """The audit log, oldest first, paged like a ledger (?after=<id>&limit=)."""
     runtime = _authorize(request)
-    raw_limit = request.query_params.get("limit", "100")
-    if not _LIMIT.fullmatch(raw_limit):
-        raise InvalidRequest("limit must be a whole number.")
-    limit = min(max(int(raw_limit), 1), 1000)
-    after = request.query_params.get("after", "-")
-    if after != "-" and not _ENTRY_ID.fullmatch(after):
-        raise InvalidRequest("after must be an entry id from a previous page.")
+    after, limit = _page(request)
     entries = await _store(runtime.store.audit_log(after=after, limit=limit))
     out = [{"id": e.id, "time_ms": int(e.id.split("-", 1)[0]), **orjson.loads(e.event)}
            for e in entries]

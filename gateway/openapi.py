@@ -351,13 +351,7 @@ def _admin_paths() -> Json:
             parameters=[
                 {"name": "team", "in": "path", "required": True,
                  "description": "A team's name from the config.", "schema": {"type": "string"}},
-                {"name": "after", "in": "query", "required": False,
-                 "description": "Only entries after this one: the `next` of the previous page "
-                                "(`-`, the default, is the beginning).",
-                 "schema": {"type": "string", "default": "-"}},
-                {"name": "limit", "in": "query", "required": False,
-                 "description": "Entries per page; values outside 1..1000 are brought into it.",
-                 "schema": {"type": "integer", "default": 100}},
+                *PAGING,
             ],
         )},
         f"{ADMIN}/audit": {"get": _admin_operation(
@@ -366,14 +360,7 @@ def _admin_paths() -> Json:
             _admin_ok("#/components/schemas/Audit"),
             _admin_errors(400, 503, bad_request="`limit` is not a whole number, or `after` "
                           "is not an entry id."),
-            parameters=[
-                {"name": "after", "in": "query", "required": False,
-                 "description": "Only entries after this one: the `next` of the previous page.",
-                 "schema": {"type": "string", "default": "-"}},
-                {"name": "limit", "in": "query", "required": False,
-                 "description": "Entries per page; values outside 1..1000 are brought into it.",
-                 "schema": {"type": "integer", "default": 100}},
-            ],
+            parameters=PAGING,
         )},
         f"{ADMIN}/usage": {"get": _admin_operation(
             "getUsage", "Usage totals grouped by team, key, model, route or tag, per day or "
@@ -442,6 +429,18 @@ def _admin_paths() -> Json:
                           "config file."),
         )},
     }
+
+
+# the `after` / `limit` of a paged stream (a ledger, the audit log)
+PAGING: list[Json] = [
+    {"name": "after", "in": "query", "required": False,
+     "description": "Only entries after this one: the `next` of the previous page "
+                    "(`-`, the default, is the beginning).",
+     "schema": {"type": "string", "default": "-"}},
+    {"name": "limit", "in": "query", "required": False,
+     "description": "Entries per page; values outside 1..1000 are brought into it.",
+     "schema": {"type": "integer", "default": 100}},
+]
 
 
 def _admin_operation(operation_id: str, summary: str, ok: Json, errors: Json, *,

@@ -217,6 +217,16 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def aof_redis() -> Iterator[RedisServer]:
+    """A Redis of the test's own that keeps everything on disk: it can be killed and restarted
+    and come back with its data (an outage, not a loss)."""
+    server = RedisServer("--appendonly", "yes", "--appendfsync", "always")
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
 def private_redis() -> Iterator[RedisServer]:
     """A Redis of the test's own, for tests that stop it."""
     server = RedisServer()

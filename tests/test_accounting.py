@@ -28,6 +28,7 @@ from .conftest import (
 )
 from .test_limits import teams_with
 from .test_proxy import error_of, wait_ledger
+from .test_tasks import create, poll_until_final
 
 CHAT = {"model": "gemini", "messages": [{"role": "user", "content": "exact"}]}
 
@@ -41,23 +42,6 @@ def books(gateway: RunningGateway) -> tuple[float, float]:
     gateway.drain()
     row = gateway.team()
     return row["spent"], row["reserved"]
-
-
-def create(gateway: RunningGateway, **body: Any) -> str:
-    answer = gateway.call("POST", "images/generations",
-                          json={"model": "flux-2", "prompt": "x", **body})
-    assert answer.status_code == 200, answer.text
-    return str(answer.json()["id"])
-
-
-def poll_until_final(gateway: RunningGateway, task_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        status = gateway.call("GET", f"tasks/{task_id}").json()
-        if status["status"] in ("completed", "failed"):
-            return status  # type: ignore[no-any-return]
-        time.sleep(0.05)
-    raise AssertionError("task did not finish")
 
 
 def in_background(call: Any) -> tuple[threading.Thread, list[httpx.Response]]:

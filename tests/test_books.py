@@ -14,7 +14,6 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,14 +166,6 @@ class Restarts:
             time.sleep(self.rng.uniform(0.05, 0.4))  # the outage itself, not a wait for work
             self.server.start()
             self.count += 1
-
-
-@pytest.fixture
-def aof_redis() -> Iterator[RedisServer]:
-    server = RedisServer("--appendonly", "yes", "--appendfsync", "always")
-    server.start()
-    yield server
-    server.close()
 
 
 def _gateway(mock: Mock, store_url: str) -> RunningGateway:

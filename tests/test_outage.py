@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -17,14 +16,6 @@ from gateway.tasks import Reconciler
 
 from .conftest import KEYS, GatewayFactory, Mock, RedisServer, RunningGateway
 from .test_books import _in_loop
-
-
-@pytest.fixture
-def aof_redis() -> Iterator[RedisServer]:
-    server = RedisServer("--appendonly", "yes", "--appendfsync", "always")
-    server.start()
-    yield server
-    server.close()
 
 
 class Load:
