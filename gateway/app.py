@@ -63,6 +63,7 @@ def create_app(
     clock: Callable[[], float] = time.time,
     reconcile_interval_s: float = 30.0,
     task_check_s: float = 600.0,
+    alive_s: float = 30.0,
 ) -> Gateway:
     store = store or open_store(config.store.url, prefix=config.store.key_prefix,
                                 timeout_s=config.store.timeout_s, clock=clock,
@@ -74,6 +75,7 @@ def create_app(
         metrics=Metrics(),
         clock=clock,
         task_check_s=task_check_s,
+        alive_s=alive_s,
         config_path=config_path,
     )
 

@@ -26,7 +26,7 @@ from .upstream import Upstream
 
 log = logging.getLogger("gateway")
 HEARTBEAT_S = 5.0  # a process says it is alive this often ...
-ALIVE_MS = 30_000  # ... and is taken for dead this long after it last did
+ALIVE_S = 30.0  # ... and is taken for dead this long after it last did
 RESTART_SECTIONS = ("listen", "store", "upstream")  # what a reload cannot change
 
 
@@ -43,10 +43,14 @@ class Reloaded:
 class Runtime:
     def __init__(self, policy: Policy, *, store: Store, upstream: Upstream, metrics: Metrics,
                  clock: Callable[[], float] = time.time, task_check_s: float = 600.0,
-                 config_path: str | None = None) -> None:
+                 config_path: str | None = None, alive_s: float = ALIVE_S) -> None:
         self.policy = policy
         self.config_path = config_path
+        # a process not heard from this long is taken for dead (its reservations, settled)
+        self.alive_ms = int(alive_s * 1000)
+        self.heartbeat_s = min(HEARTBEAT_S, alive_s / 3)
         self.generation: int | None = None  # the config generation this process runs
+        self._heard_since: float | None = None  # since when the heartbeats reach the store
         self._refused_generation: int | None = None
         # a task's reservation waits this long for a poll to settle it before the reconciler asks
         self.task_check_ms = int(task_check_s * 1000)
@@ -118,7 +122,7 @@ class Runtime:
         deadline = time.monotonic() + wait_s
         while True:
             seen = (await self.store.processes()).seen
-            alive = {name: gen for name, (gen, age) in seen.items() if age <= ALIVE_MS}
+            alive = {name: gen for name, (gen, age) in seen.items() if age <= self.alive_ms}
             pending = sorted(name for name, gen in alive.items()
                              if gen < self.generation and name != self.process)
             if not pending or time.monotonic() >= deadline:
@@ -140,12 +144,21 @@ class Runtime:
         while True:
             try:
                 processes = await self.store.heartbeat(self.process, self.generation or 0)
+                if self._heard_since is None:
+                    self._heard_since = time.monotonic()
                 self._follow_reloads(processes.generation)
                 if self.policy.config.store.on_error == "open":
                     await self._copy_revocations()
             except StoreError:
+                self._heard_since = None
                 self.metrics.store_errors.labels("heartbeat").inc()
-            await asyncio.sleep(HEARTBEAT_S)
+            await asyncio.sleep(self.heartbeat_s)
+
+    def liveness_known(self) -> bool:
+        """Whether the store's list of live processes can be trusted: this process has reached
+        it for a whole `alive_ms`, so after an outage every live process had time to say so."""
+        return (self._heard_since is not None
+                and time.monotonic() - self._heard_since >= self.alive_ms / 1000)
 
     def _follow_reloads(self, generation: int) -> None:
         """Reload when another process did (a new config generation in the store)."""

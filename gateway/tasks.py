@@ -17,7 +17,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .errors import GatewayError
-from .runtime import ALIVE_MS
 from .settlement import Answer, Charge, Decision, read_answer, reconcile
 from .store import StoreError
 from .store.base import Completion, PendingReservation, Settle, process_of
@@ -53,6 +52,9 @@ class Reconciler:
         now_ms = await store.now() * 1000
         settled = 0
         alive: set[str] | None = None
+        # until every live process has had time to say so (after an outage, or at start-up),
+        # none is taken for dead: its requests may still be settling
+        trusted = self.rt.liveness_known()
         for team in list(self.rt.policy.teams):
             if not await self._hold():  # the round took longer than its lock: another began
                 break
@@ -60,12 +62,13 @@ class Reconciler:
             if not overdue:
                 continue
             if alive is None:
-                alive = (await store.processes()).alive(ALIVE_MS)
+                alive = (await store.processes()).alive(self.rt.alive_ms)
             for r in overdue:
                 poll = None
                 if r.id.startswith("task:"):
                     poll = await self._poll(r.id.removeprefix("task:"))
-                decision = reconcile(r.id, owner_alive=process_of(r.id) in alive, poll=poll)
+                owner_alive = not trusted or process_of(r.id) in alive
+                decision = reconcile(r.id, owner_alive=owner_alive, poll=poll)
                 if decision is None:
                     continue
                 if not r.id.startswith("task:"):

@@ -465,10 +465,11 @@ def make_gateway(mock: Mock) -> Iterator[GatewayFactory]:
 
     def make(store_url: str = "memory://", *, clock: Callable[[], float] = time.time,
              upstream_url: str | None = None, reconcile_interval_s: float = 3600,
-             task_check_s: float = 600, **sections: Any) -> RunningGateway:
+             task_check_s: float = 600, alive_s: float = 30, **sections: Any
+             ) -> RunningGateway:
         raw = base_config(upstream_url or mock.api_url, store_url, **sections)
         app = create_app(cfg.from_dict(raw), clock=clock, reconcile_interval_s=reconcile_interval_s,
-                         task_check_s=task_check_s)
+                         task_check_s=task_check_s, alive_s=alive_s)
         gateway = RunningGateway(ServerThread(app).start(), app)
         started.append(gateway)
         return gateway

@@ -123,7 +123,7 @@ def test_reconciler_charges_what_a_dead_replica_reserved(redis_server: RedisServ
     """A replica reserved credits and died before settling: another replica settles it."""
     redis_server.cli("FLUSHALL")
     gateway = make_gateway(redis_server.url, teams=teams_with(budget={"credits": 100}),
-                           reconcile_interval_s=0.2)
+                           reconcile_interval_s=0.2, alive_s=0.6)
     context = orjson.dumps({"team": "research", "key_id": "research-key", "model": "gemini",
                             "route": "chat/completions", "request_id": "lost", "cached": False})
 
@@ -141,3 +141,32 @@ def test_reconciler_charges_what_a_dead_replica_reserved(redis_server: RedisServ
     assert (entry["kind"], entry["credits"], entry["request_id"]) == ("charge", 5, "lost")
     research = gateway.team()
     assert (research["spent"], research["reserved"]) == (5, 0)
+
+
+def test_reconciler_leaves_a_live_replicas_reservations(redis_server: RedisServer,
+                                                        make_gateway: GatewayFactory) -> None:
+    """A replica that still says it is alive is still answering, or its bookkeeping is on the
+    way: its reservation is left alone, however late; once it falls silent, it is settled."""
+    redis_server.cli("FLUSHALL")
+    gateway = make_gateway(redis_server.url, teams=teams_with(budget={"credits": 100}),
+                           reconcile_interval_s=0.2, alive_s=0.6)
+    context = orjson.dumps({"team": "research", "key_id": "research-key", "model": "gemini",
+                            "route": "chat/completions", "request_id": "slow"})
+
+    async def live_replica() -> int:
+        store = open_store(redis_server.url)
+        period = time.strftime("m%Y-%m", time.gmtime())
+        await store.admit(Admission(team="research", key_id="research-key", ticket="peer.1",
+                                    hold_ms=10, reservation=Reservation("peer.1", period, 5000,
+                                                                        context),
+                                    budget_limit=100_000))
+        for _ in range(15):  # it says it is alive for several reconciler rounds
+            await store.heartbeat("peer", 0)
+            await asyncio.sleep(0.1)
+        pending = len(await store.reservations("research"))
+        await store.close()
+        return pending
+
+    assert asyncio.run(live_replica()) == 1  # untouched while it was alive
+    (entry,) = wait_ledger(gateway, 1)  # fallen silent: settled as reserved
+    assert (entry["kind"], entry["credits"], entry["request_id"]) == ("charge", 5, "slow")
