@@ -178,8 +178,9 @@ async def usage(request: Request) -> Response:
             raise StoreUnavailable("The ledger database is unreachable; retry shortly.") from None
     else:
         events = []
+        since_ms = int(since.timestamp() * 1000) if since is not None else 0
         for name in [team] if team else list(runtime.policy.teams):
-            after = "-" if since is None else f"{int(since.timestamp() * 1000) - 1}-{2**64 - 1}"
+            after = f"{since_ms - 1}-{2**64 - 1}" if since_ms > 0 else "-"
             while True:
                 page = await _store(runtime.store.ledger(name, after=after, limit=_PAGE))
                 events += [_event(e.id, e.event, milli=True) for e in page]

@@ -338,7 +338,7 @@ async def _read_ledger(config: cfg.Config, teams: list[str], since_ms: int) -> l
     events: list[dict[str, Any]] = []
     try:
         for team in teams:
-            after = f"{since_ms - 1}-18446744073709551615" if since_ms else "-"
+            after = f"{since_ms - 1}-18446744073709551615" if since_ms > 0 else "-"
             while True:
                 page = await store.ledger(team, after=after, limit=1000)
                 for entry in page:

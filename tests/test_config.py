@@ -50,7 +50,7 @@ def test_example_config_is_valid_and_documents_every_field() -> None:
             inner = hints[f.name]
             args = [a for a in typing.get_args(inner) if a is not type(None)]
             inner = args[0] if len(args) == 1 and typing.get_origin(inner) else inner
-            if dataclasses.is_dataclass(inner):
+            if dataclasses.is_dataclass(inner) and section[f.name] is not None:
                 walk(inner, section[f.name], f"{path}{f.name}.")
 
     walk(cfg.Config, raw, "")

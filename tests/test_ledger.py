@@ -349,11 +349,12 @@ def test_usage_prints_a_table_and_refuses_bad_arguments(
     assert "--since takes a date" in capsys.readouterr().err
 
 
-def test_by_and_period_need_the_ledger_of_record(tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_usage_of_a_memory_store_points_to_the_admin_api(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a ledger of record, `usage` reads the store's ledger: a Redis store's
+    (tests/test_usage.py); a memory:// store's lives in the running gateway, not here."""
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(base_config("http://127.0.0.1:9/api/v1")))
-    assert cli.main(["usage", "--config", str(path), "--by", "model"]) == 2
-    assert "set ledger.url" in capsys.readouterr().err
-    assert cli.main(["usage", "--config", str(path), "--until", "2026-12-01"]) == 2
-    assert "set ledger.url" in capsys.readouterr().err
+    for args in (["--by", "model"], ["--until", "2026-12-01"]):
+        assert cli.main(["usage", "--config", str(path), *args]) == 1
+        assert "GET /admin/v1/usage" in capsys.readouterr().err

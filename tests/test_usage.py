@@ -64,6 +64,8 @@ def test_usage_by_team_tag_and_model(make_gateway: GatewayFactory, store_url: st
                                                    "team": "research"}).json()
     assert [row[1:3] + row[-2:-1] for row in by_env["rows"]] == [["", 1, 4], ["dev", 1, 1],
                                                                 ["prod", 1, 3]]
+    ancient = gateway.admin("GET", "usage", params={"since": "0847-10-22"})  # found by fuzzing
+    assert ancient.status_code == 200 and len(ancient.json()["rows"]) == 2
     for bad in ({"by": "colour"}, {"period": "year"}, {"since": "yesterday"}):
         assert gateway.admin("GET", "usage", params=bad).status_code == 400
     assert gateway.admin("GET", "usage", params={"team": "nobody"}).status_code == 404
