@@ -20,11 +20,13 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as mp
+from prometheus_client.openmetrics import exposition as om
 
 # sub-millisecond (cache hits) to minutes (video generation through a slow upstream)
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
            1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+OPENMETRICS_TYPE = om.CONTENT_TYPE_LATEST
 
 
 class Labelled:
@@ -126,6 +128,13 @@ class Metrics:
             "Ledger shipping passes that failed on PostgreSQL (unreachable, slow or refused).",
             registry=registry)
 
+        # tracing (gateway/tracing.py): spans the collector will never see
+        self.trace_spans_dropped = Labelled(Counter(
+            "gateway_trace_spans_dropped_total",
+            "Sampled spans dropped: the export queue was full, or the collector refused or "
+            "did not answer their batch.",
+            ["reason"], registry=registry))
+
     def close(self) -> None:
         """A worker that stops takes its live gauges (in-flight) out of the sums."""
         if self._multiprocess:
@@ -137,3 +146,11 @@ class Metrics:
         registry = CollectorRegistry()
         mp.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
+
+    def render_openmetrics(self) -> bytes:
+        """The OpenMetrics exposition (`OPENMETRICS_TYPE`): the one that carries exemplars."""
+        if self._registry is not None:
+            return om.generate_latest(self._registry)  # type: ignore[no-any-return,no-untyped-call]
+        registry = CollectorRegistry()
+        mp.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return om.generate_latest(registry)  # type: ignore[no-any-return,no-untyped-call]
