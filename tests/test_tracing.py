@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import values as prometheus_values
 
 from gateway import config as cfg
 from gateway.tracing import traces_url
@@ -268,8 +269,15 @@ def test_nothing_secret_in_any_span(make_gateway: GatewayFactory, store_url: str
     assert statuses == [200, 200, 200, 200, 200, 400, 401]
 
 
-def test_exemplars_carry_the_trace_ids(make_gateway: GatewayFactory, receiver: Receiver,
+@pytest.mark.parametrize("processes", ["one", "multiprocess"])
+def test_exemplars_carry_the_trace_ids(processes: str, tmp_path: Any,
+                                       monkeypatch: pytest.MonkeyPatch,
+                                       make_gateway: GatewayFactory, receiver: Receiver,
                                        mock: Mock) -> None:
+    if processes == "multiprocess":  # values in files, as with --workers N
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+        # prometheus-client picks its value class from the environment when first imported
+        monkeypatch.setattr(prometheus_values, "ValueClass", prometheus_values.MultiProcessValue())
     gateway = traced(make_gateway, "memory://", receiver)
     gateway.chat("exemplar", headers=traceparent("c" * 32))
     root = request_tree(receiver, "c" * 32, "POST /api/v1/chat/completions")
@@ -366,6 +374,17 @@ def test_two_workers_on_redis(redis_server: RedisServer, mock: Mock, receiver: R
 
     answers = asyncio.run(send(20))
     assert {a.status_code for a in answers} == {200}
+    # the worker that answers a scrape shows the exemplars of the requests it served
+    ours = {f"{i + 1:032x}" for i in range(20)}
+    seen: set[str] = set()
+    for _ in range(20):
+        with httpx.Client(timeout=10) as client:  # a new connection: either worker may answer
+            text = client.get(f"{gateway.url}/metrics",
+                              headers={"Accept": "application/openmetrics-text"}).text
+        seen |= set(re.findall(r'trace_id="(\w+)"', text))
+        if seen:
+            break
+    assert seen and seen <= ours
     sent = {r["headers"]["traceparent"] for r in mock.requests()}
     for i in range(20):
         trace_id = f"{i + 1:032x}"
