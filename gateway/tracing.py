@@ -210,19 +210,31 @@ class Tracing:
 
     # -- the steps inside it ---------------------------------------------------------------------
 
+    def _sampled(self) -> bool:
+        """Whether this request is recorded. The children of one that is not would not be
+        either: they are not made at all (an SDK span costs tens of microseconds even then),
+        and the upstream's `traceparent` names the request span, marked not sampled."""
+        span = self._request.get()
+        return span is not None and span.is_recording()
+
     def span(self, name: str) -> contextlib.AbstractContextManager[Span]:
         """An INTERNAL child of the current span."""
+        if not self._sampled():
+            return _NOOP
         return _current(self._tracer.start_span(name, record_exception=False,
                                                 set_status_on_exception=False))
 
     def decided(self, result: str) -> None:
         """The cache decision that takes no time of its own (a miss, a bypass)."""
-        self._tracer.start_span("gateway.cache", attributes={"gateway.cache.result": result},
-                                record_exception=False, set_status_on_exception=False).end()
+        if self._sampled():
+            self._tracer.start_span("gateway.cache", attributes={"gateway.cache.result": result},
+                                    record_exception=False, set_status_on_exception=False).end()
 
     def upstream(self, req: ParsedRequest, pace_delay_s: float) -> (
             contextlib.AbstractContextManager[Span]):
         """The upstream call's CLIENT span, from the pacing wait to the answer's last byte."""
+        if not self._sampled():
+            return _NOOP
         template = self._upstream_path + "/" + _TEMPLATES.get(req.route, req.path)
         attributes: dict[str, Any] = {
             **self._upstream, "http.request.method": req.method, "url.template": template,
