@@ -75,6 +75,7 @@ Span = trace.Span
 Exemplar = dict[str, str]
 
 PROVIDER = "apiin.one"  # gen_ai.system / gen_ai.provider.name
+BATCH_SPAN = "gateway.bookkeeping.batch"
 _OPERATIONS = {routes.CHAT: "chat"}  # gen_ai.operation.name; the media endpoints make content
 _TRACE_HEADERS = (b"traceparent", b"tracestate")
 _MAX_TOKENS = 10**12  # believable token counts (gen_ai.usage.*)
@@ -340,7 +341,7 @@ class BookkeepingTrace:
         """`send(batch)` inside a root span linked to the batch's requests."""
         linked = [entry for w in batch if (entry := self._links.pop(id(w), None)) is not None]
         span = self._tracer.start_span(
-            "gateway.bookkeeping.batch", context=Context(),
+            BATCH_SPAN, context=Context(),
             links=[Link(context) for _, context in linked],
             attributes={"gateway.bookkeeping.batch_size": len(batch)},
             record_exception=False, set_status_on_exception=False)
@@ -453,8 +454,8 @@ class _LinkedOrRatio(TraceIdRatioBased):
                       kind: SpanKind | None = None, attributes: Any = None,
                       links: Sequence[Link] | None = None, trace_state: Any = None
                       ) -> SamplingResult:
-        if links:
-            sampled = any(link.context.trace_flags.sampled for link in links)
+        if name == BATCH_SPAN:
+            sampled = any(link.context.trace_flags.sampled for link in links or ())
             return SamplingResult(Decision.RECORD_AND_SAMPLE if sampled else Decision.DROP,
                                   attributes)
         return super().should_sample(parent_context, trace_id, name, kind, attributes, links,
