@@ -79,6 +79,7 @@ BATCH_SPAN = "gateway.bookkeeping.batch"
 _OPERATIONS = {routes.CHAT: "chat"}  # gen_ai.operation.name; the media endpoints make content
 _TRACE_HEADERS = (b"traceparent", b"tracestate")
 _MAX_TOKENS = 10**12  # believable token counts (gen_ai.usage.*)
+_MAX_PATH = 512  # characters of url.path kept (a request head may be 32 KiB)
 _NOOP: contextlib.nullcontext[Span] = contextlib.nullcontext(trace.INVALID_SPAN)
 
 
@@ -155,7 +156,7 @@ class Tracing:
         method, route = scope["method"], _route_template(scope["path"])
         server = scope.get("server") or (None, None)
         attributes: dict[str, Any] = {
-            "http.request.method": method, "url.path": scope["path"],
+            "http.request.method": method, "url.path": scope["path"][:_MAX_PATH],
             "url.scheme": scope.get("scheme", "http"),
         }
         if server[0] is not None:
