@@ -16,6 +16,7 @@ in a venv under --cache-dir on first use; when that fails the row is left out wi
 
 Engine comparison (the upstream HTTP clients, see the README's Benchmarks section):
 `--cases c,c_hx,c_lean,c_up,c_aio,k --out bench/ENGINES.md`.
+The cost of tracing: `--cases e,e_trace,e_trace10 --baseline e --out bench/TRACING.md`.
 """
 
 from __future__ import annotations
@@ -116,6 +117,12 @@ CASES = {c.id: c for c in [
     Case("e_nocache", "(e-cache) gateway, Redis, cache off", "as (e) with `cache.endpoints: []`"
          " (X-Cache: BYPASS: no cache lookup, flight lock or cache write)", "gw_redis_nocache",
          gateway=True, expect="BYPASS"),
+    Case("e_trace", "(e+trace) gateway miss, Redis, traced", "as (e) with `tracing` on, "
+         "`sample_ratio: 1.0` (every request: 5 spans, the bookkeeping batches' spans, OTLP/HTTP "
+         "export from a background thread) to a local receiver (nginx) that accepts and drops",
+         "gw_redis_trace", gateway=True, expect="MISS"),
+    Case("e_trace10", "(e+trace 0.1) gateway miss, Redis, traced 10%", "as (e+trace) with "
+         "`sample_ratio: 0.1`", "gw_redis_trace10", gateway=True, expect="MISS"),
     Case("f_mem", "(f mem) gateway hit, memory", "as (f) on the `memory://` store", "gw_memory",
          mode="same", gateway=True, expect="HIT"),
     Case("litellm", f"(l) LiteLLM proxy {LITELLM}", f"LiteLLM's proxy (`litellm[proxy]=="
@@ -275,6 +282,20 @@ http {{
         self.wait_ready(name, proc, log, port)
         return Server(name, port, proc, log)
 
+    def _start_otlp(self, name: str) -> Server:
+        """A trace collector that accepts every OTLP/HTTP export and drops it."""
+        port = free_port()
+        site = f"""
+        server {{
+            listen 127.0.0.1:{port};
+            client_max_body_size 64m;
+            location / {{
+                default_type application/x-protobuf;
+                return 200 '';
+            }}
+        }}"""
+        return self._nginx(name, port, site)
+
     def _start_passthrough(self, name: str) -> Server:
         stub = self.server("stub")
         port = free_port()
@@ -299,18 +320,22 @@ http {{
 
     def _start_gw(self, name: str) -> Server:
         stub = self.server("stub")
-        options = name.split("_")[1:]  # memory | redis, then 2w, log, nocache
+        options = name.split("_")[1:]  # memory | redis, then 2w, log, nocache, trace, trace10
         store = "memory://"
         also: tuple[subprocess.Popen[bytes], ...] = ()
         if "redis" in options:
             redis = self.server("redis")
             store, also = f"redis://127.0.0.1:{redis.port}/0", (redis.proc,)
+        tracing = None
+        if "trace" in options or "trace10" in options:
+            otlp = self.server("otlp")
+            tracing = (f"http://127.0.0.1:{otlp.port}", 0.1 if "trace10" in options else 1.0)
         port = free_port()
         config = self.tmp / f"{name}.yaml"
         config.write_text(gateway_config(
             stub.port, store, prefix=name, key_sha256=hashlib.sha256(
                 self.team_key.encode()).hexdigest(),
-            access_log="log" in options, cache="nocache" not in options))
+            access_log="log" in options, cache="nocache" not in options, tracing=tracing))
         argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config),
                 "--port", str(port)]
         env = dict(os.environ)
@@ -371,7 +396,10 @@ def litellm_venv(cache: Path) -> Path:
 
 
 def gateway_config(stub_port: int, store: str, *, prefix: str, key_sha256: str,
-                   access_log: bool, cache: bool) -> str:
+                   access_log: bool, cache: bool,
+                   tracing: tuple[str, float] | None = None) -> str:
+    traced = ("" if tracing is None else
+              f"tracing: {{endpoint: \"{tracing[0]}\", sample_ratio: {tracing[1]}}}\n")
     return f"""# written by bench/run.py
 listen: {{host: 127.0.0.1, port: 8080, shutdown_grace_s: 2}}
 upstream:
@@ -388,7 +416,7 @@ teams:
     requests_per_day: 1000000000
     budget: {{credits: 1000000000, period: total}}
 logging: {{level: warning, access_log: {"true" if access_log else "false"}}}
-"""
+""" + traced
 
 
 def session_cpu_s(sid: int) -> float:

@@ -26,12 +26,13 @@ from .budget import period_id
 from .errors import AuthenticationError, GatewayError, MethodNotAllowed, NotFound, error_body
 from .ledger import LedgerDB, Shipper
 from .ledger.postgres import url_secrets
-from .metrics import CONTENT_TYPE, Metrics
+from .metrics import CONTENT_TYPE, OPENMETRICS_TYPE, Metrics
 from .policy import Policy
 from .proxy import PREFIX, Proxy
 from .runtime import Runtime
 from .store import Store, StoreError, open_store
 from .tasks import Reconciler
+from .tracing import Tracing
 from .upstream import Upstream
 
 log = logging.getLogger("gateway")
@@ -49,7 +50,13 @@ class Gateway:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(PREFIX):
-            await self.proxy(scope, with_body_timeout(receive, self.body_timeout_s), send)
+            receive = with_body_timeout(receive, self.body_timeout_s)
+            tracing = self.runtime.tracing
+            if tracing is None:
+                await self.proxy(scope, receive, send)
+                return
+            with tracing.request(scope):
+                await self.proxy(scope, receive, send)
         else:
             await self.site(scope, receive, send)
 
@@ -68,15 +75,17 @@ def create_app(
     store = store or open_store(config.store.url, prefix=config.store.key_prefix,
                                 timeout_s=config.store.timeout_s, clock=clock,
                                 memory_max_bytes=config.store.memory_max_bytes)
+    instruments = Metrics()
     runtime = Runtime(
         Policy(config),
         store=store,
         upstream=upstream or Upstream(config.upstream),
-        metrics=Metrics(),
+        metrics=instruments,
         clock=clock,
         task_check_s=task_check_s,
         alive_s=alive_s,
         config_path=config_path,
+        tracing=_tracing(config, instruments),
     )
 
     ledger_db, shipper = _ledger(config, runtime)
@@ -107,6 +116,8 @@ def create_app(
             if shipper is not None and ledger_db is not None:
                 await shipper.stop(max(grace_ends - time.monotonic(), 1.0))
                 await ledger_db.close()
+            if runtime.tracing is not None:  # the last spans, within what is left of the grace
+                await runtime.tracing.close(max(grace_ends - time.monotonic(), 1.0))
             await runtime.upstream.aclose()
             await runtime.store.close()
             runtime.metrics.close()
@@ -136,6 +147,14 @@ def _ledger(config: cfg.Config, runtime: Runtime) -> tuple[LedgerDB | None, Ship
                       batch_rows=config.ledger.batch_rows, interval_s=config.ledger.interval_s,
                       clock=runtime.clock)
     return db, shipper
+
+
+def _tracing(config: cfg.Config, metrics: Metrics) -> Tracing | None:
+    """With `tracing`: this process's tracer (nothing of OpenTelemetry's is built without)."""
+    if config.tracing is None:
+        return None
+    return Tracing(config.tracing, instance=os.urandom(6).hex(), metrics=metrics,
+                   upstream_url=config.upstream.base_url)
 
 
 def create_app_from_env() -> Gateway:
@@ -182,6 +201,9 @@ async def metrics(request: Request) -> Response:
     for within, seconds in EXPIRY_WINDOWS.items():
         keys = runtime.policy.auth.expiring(runtime.clock(), seconds)
         runtime.metrics.keys_expiring.labels(within).set(len(keys))
+    if runtime.tracing is not None and "application/openmetrics-text" in request.headers.get(
+            "accept", ""):  # exemplars (trace ids) exist only in OpenMetrics
+        return Response(runtime.metrics.render_openmetrics(), media_type=OPENMETRICS_TYPE)
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
 
 

@@ -23,9 +23,13 @@ import asyncio
 import collections
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .store import ScriptFailed, Store, StoreError
 from .store.base import Admission, Completion, Settled
+
+if TYPE_CHECKING:
+    from .tracing import BookkeepingTrace
 
 Work = Completion | Admission  # an Admission in the queue is to be cancelled
 
@@ -36,8 +40,10 @@ MAX_BATCH = 256
 class Bookkeeper:
     def __init__(self, store: Store, *, on_settled: Callable[[Completion, Settled], None],
                  on_error: Callable[[], None], on_depth: Callable[[int], None],
-                 soft_limit: int = 100_000, max_backoff_s: float = 2.0) -> None:
+                 soft_limit: int = 100_000, max_backoff_s: float = 2.0,
+                 trace: BookkeepingTrace | None = None) -> None:
         self.store = store
+        self._trace = trace  # links each batch to the requests it carries (tracing on)
         self.soft_limit = soft_limit
         self._on_settled = on_settled
         self._on_error = on_error
@@ -67,6 +73,8 @@ class Bookkeeper:
         self._push(admission)
 
     def _push(self, work: Work) -> None:
+        if self._trace is not None:
+            self._trace.queued(work)
         self._queue.append(work)
         self._idle.clear()
         if self._task is None:
@@ -118,7 +126,8 @@ class Bookkeeper:
             self._sending = len(batch)
             self._on_depth(self.pending)
             try:
-                retry = await self._send(batch)
+                retry = await (self._send(batch) if self._trace is None
+                               else self._trace.send(batch, self._send))
             finally:
                 self._sending = 0
             if retry:

@@ -208,6 +208,20 @@ class Ledger:
 
 
 @dataclass(frozen=True, slots=True)
+class Tracing:
+    """OpenTelemetry traces, sent over OTLP/HTTP to `endpoint` (a collector's base URL; spans go
+    to `<endpoint>/v1/traces`). Absent: no tracing at all."""
+
+    endpoint: str
+    sample_ratio: float = field(default=1.0, metadata=_check(minimum=0, maximum=1))
+    # spans wait in a bounded queue and go out in batches from a background thread: a slow or
+    # unreachable collector costs dropped spans (counted), never a slower request
+    queue_size: int = field(default=2048, metadata=_check(minimum=1, maximum=1_000_000))
+    export_interval_s: float = field(default=5.0, metadata=_check(above=0, maximum=3600))
+    timeout_s: float = field(default=10.0, metadata=_check(above=0, maximum=300))
+
+
+@dataclass(frozen=True, slots=True)
 class Metrics:
     """`bearer_token`: when set, GET /metrics needs `Authorization: Bearer <token>`."""
 
@@ -232,6 +246,7 @@ class Config:
     auth: Auth = Auth()
     attribution: Attribution = Attribution()
     ledger: Ledger = Ledger()
+    tracing: Tracing | None = None
     logging: Logging = Logging()
     metrics: Metrics = Metrics()
 
@@ -472,6 +487,13 @@ def _validate(config: Config) -> None:
         _check_postgres_url(config.ledger.url)
     if config.ledger.batch_rows > 10000:
         raise ConfigError("ledger.batch_rows: must be at most 10000")
+    if config.tracing is not None:
+        problem = _base_url_problem(config.tracing.endpoint)
+        if problem is not None and "credentials" in problem:
+            problem = ("must not carry credentials (give the collector's headers in "
+                       "OTEL_EXPORTER_OTLP_HEADERS)")
+        if problem is not None:
+            raise ConfigError(f"tracing.endpoint: {problem}")
     for i, endpoint in enumerate(config.cache.endpoints):
         if endpoint.strip("/") != endpoint or not endpoint:
             raise ConfigError(f"cache.endpoints[{i}]: write the path without slashes at the ends")

@@ -21,6 +21,7 @@ from .request import ParsedRequest
 from .runtime import Runtime
 from .settlement import End
 from .store import StoreError
+from .tracing import upstream_call
 from .upstream import response_headers
 
 log = logging.getLogger("gateway")
@@ -49,6 +50,7 @@ class Streamed:
     client_gone: bool = False
 
 
+@upstream_call
 async def fetch(rt: Runtime, req: ParsedRequest, seen: Upstreamed, *,
                 pace_delay_s: float) -> Reply:
     """The upstream's whole answer; raises `UpstreamUnavailable` when none came in time."""
@@ -62,6 +64,7 @@ async def fetch(rt: Runtime, req: ParsedRequest, seen: Upstreamed, *,
         raise UpstreamUnavailable("The upstream API did not answer in time.", status=504) from None
 
 
+@upstream_call
 async def relay(rt: Runtime, req: ParsedRequest, seen: Upstreamed, receive: Receive,
                 send: Callable[[Message], Awaitable[None]], start: Callable[[Reply], Headers], *,
                 pace_delay_s: float, record_limit: int) -> Streamed:
@@ -129,7 +132,8 @@ async def _send(rt: Runtime, req: ParsedRequest, seen: Upstreamed,
                 *, stream: bool) -> httpx.Response:
     started = time.perf_counter()
     try:
-        response = await rt.upstream.send(req.method, req.path, req.query, req.headers, req.body,
+        headers = req.headers if rt.tracing is None else rt.tracing.inject(req.headers)
+        response = await rt.upstream.send(req.method, req.path, req.query, headers, req.body,
                                           stream=stream, before_retry=_retry_slot(rt))
     except UpstreamUnavailable:
         _seen(rt, req, seen, "error", started)
@@ -150,6 +154,8 @@ async def _send(rt: Runtime, req: ParsedRequest, seen: Upstreamed,
 
 def _retry_slot(rt: Runtime) -> Callable[[], Awaitable[None]]:
     async def book() -> None:
+        if rt.tracing is not None:
+            rt.tracing.retrying()
         try:
             wait = await rt.upstream_slot()
         except StoreError:
@@ -165,7 +171,8 @@ def _seen(rt: Runtime, req: ParsedRequest, seen: Upstreamed, status: str, starte
     seconds = time.perf_counter() - started
     seen.status, seen.seconds = status, seconds
     rt.metrics.upstream_requests.labels(req.route, status).inc()
-    rt.metrics.upstream_duration.labels(req.route).observe(seconds)
+    exemplar = None if rt.tracing is None else rt.tracing.upstream_answered(status)
+    rt.metrics.upstream_duration.labels(req.route).observe(seconds, exemplar)
 
 
 def answer_headers(response: httpx.Response) -> Headers:

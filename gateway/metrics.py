@@ -7,7 +7,10 @@ processes (PROMETHEUS_MULTIPROC_DIR set) prometheus-client sums them at scrape t
 
 from __future__ import annotations
 
+import math
 import os
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -20,20 +23,32 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as mp
+from prometheus_client.openmetrics import exposition as om
+from prometheus_client.samples import Exemplar, Sample
+from prometheus_client.utils import floatToGoString
 
 # sub-millisecond (cache hits) to minutes (video generation through a slow upstream)
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
            1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+OPENMETRICS_TYPE = om.CONTENT_TYPE_LATEST
+
+
+# (histogram, its labels sorted, bucket `le`) -> the last exemplar observed in that bucket
+Exemplars = dict[tuple[str, tuple[tuple[str, str], ...], str], Exemplar]
 
 
 class Labelled:
     """A labelled metric whose children are created once per label set: `labels()` of
-    prometheus-client takes a lock and builds a key on every call, which the hot path feels."""
+    prometheus-client takes a lock and builds a key on every call, which the hot path feels.
 
-    def __init__(self, metric: Any) -> None:
+    `exemplars`: where a histogram's exemplars are kept by this process, in multiprocess mode
+    (prometheus-client drops them there: its file-backed values have no room for one)."""
+
+    def __init__(self, metric: Any, *, exemplars: Exemplars | None = None) -> None:
         self.metric = metric
         self._children: dict[tuple[str, ...], Any] = {}
+        self._exemplars = exemplars
 
     def __getattr__(self, name: str) -> Any:  # describe(), _labelnames, ...: the metric's own
         return getattr(self.metric, name)
@@ -41,8 +56,51 @@ class Labelled:
     def labels(self, *values: str) -> Any:
         child = self._children.get(values)
         if child is None:
-            child = self._children[values] = self.metric.labels(*values)
+            child = self.metric.labels(*values)
+            if self._exemplars is not None:
+                labels = tuple(sorted(zip(self.metric._labelnames, values, strict=True)))
+                child = _Remembering(child, (self.metric._name, labels), self._exemplars)
+            self._children[values] = child
         return child
+
+
+class _Remembering:
+    """A histogram child that also keeps each bucket's last exemplar."""
+
+    __slots__ = ("_child", "_exemplars", "_key")
+
+    def __init__(self, child: Any, key: tuple[str, tuple[tuple[str, str], ...]],
+                 exemplars: Exemplars) -> None:
+        self._child, self._key, self._exemplars = child, key, exemplars
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        self._child.observe(amount)
+        if exemplar:
+            le = next((b for b in BUCKETS if amount <= b), math.inf)
+            bucket = floatToGoString(le)  # type: ignore[no-untyped-call]  # as the exposition writes it
+            self._exemplars[(*self._key, bucket)] = Exemplar(
+                exemplar, amount, time.time())
+
+
+class _WithExemplars:
+    """The multiprocess collector's families, with this process's exemplars on their buckets
+    (the worker that answers a scrape shows its own)."""
+
+    def __init__(self, collector: Any, exemplars: Exemplars) -> None:
+        self._collector, self._exemplars = collector, exemplars
+
+    def collect(self) -> Iterator[Any]:
+        for family in self._collector.collect():
+            if family.type == "histogram":
+                family.samples = [self._with(family.name, s) for s in family.samples]
+            yield family
+
+    def _with(self, name: str, sample: Sample) -> Sample:
+        if not sample.name.endswith("_bucket"):
+            return sample
+        labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+        exemplar = self._exemplars.get((name, labels, sample.labels.get("le", "")))
+        return sample if exemplar is None else sample._replace(exemplar=exemplar)
 
 
 def multiprocess_dir() -> str | None:
@@ -56,19 +114,20 @@ class Metrics:
         self._multiprocess = multiprocess_dir() is not None
         registry = None if self._multiprocess else CollectorRegistry()
         self._registry = registry
+        self._exemplars: Exemplars | None = {} if self._multiprocess else None
         self.requests = Labelled(Counter(
             "gateway_requests_total", "Requests answered by the gateway.",
             ["team", "route", "status", "cache"], registry=registry))
         self.request_duration = Labelled(Histogram(
             "gateway_request_duration_seconds", "Time from request to the end of the answer.",
-            ["route"], buckets=BUCKETS, registry=registry))
+            ["route"], buckets=BUCKETS, registry=registry), exemplars=self._exemplars)
         self.upstream_requests = Labelled(Counter(
             "gateway_upstream_requests_total",
             "Requests sent to the upstream API, by its answer (`error` when none came).",
             ["route", "status"], registry=registry))
         self.upstream_duration = Labelled(Histogram(
             "gateway_upstream_duration_seconds", "Time the upstream API took to answer.",
-            ["route"], buckets=BUCKETS, registry=registry))
+            ["route"], buckets=BUCKETS, registry=registry), exemplars=self._exemplars)
         self.cache_events = Labelled(Counter(
             "gateway_cache_events_total",
             "Cache lookups and writes: hit, miss, coalesced, bypass, stored.",
@@ -126,6 +185,13 @@ class Metrics:
             "Ledger shipping passes that failed on PostgreSQL (unreachable, slow or refused).",
             registry=registry)
 
+        # tracing (gateway/tracing.py): spans the collector will never see
+        self.trace_spans_dropped = Labelled(Counter(
+            "gateway_trace_spans_dropped_total",
+            "Sampled spans dropped: the export queue was full, or the collector refused or "
+            "did not answer their batch.",
+            ["reason"], registry=registry))
+
     def close(self) -> None:
         """A worker that stops takes its live gauges (in-flight) out of the sums."""
         if self._multiprocess:
@@ -137,3 +203,13 @@ class Metrics:
         registry = CollectorRegistry()
         mp.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
+
+    def render_openmetrics(self) -> bytes:
+        """The OpenMetrics exposition (`OPENMETRICS_TYPE`): the one that carries exemplars."""
+        if self._registry is not None:
+            return om.generate_latest(self._registry)  # type: ignore[no-any-return,no-untyped-call]
+        assert self._exemplars is not None
+        registry = CollectorRegistry()
+        collector = mp.MultiProcessCollector(None)  # type: ignore[no-untyped-call]
+        registry.register(_WithExemplars(collector, self._exemplars))
+        return om.generate_latest(registry)  # type: ignore[no-any-return,no-untyped-call]

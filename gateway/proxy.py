@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
-from . import forward, inbound, routes
+from . import forward, inbound, routes, tracing
 from .asgi import (
     Receive,
     Reply,
@@ -46,7 +46,7 @@ from .request import Head, ParsedRequest, parse, read_json
 from .runtime import Runtime
 from .settlement import Answer, Charge, Decision, End, Kind, decide, read_answer, written_first
 from .store import Store, StoreError
-from .store.base import IDEMPOTENCY_TTL_MS, AdmitResult, Completion, Settle, Verdict
+from .store.base import IDEMPOTENCY_TTL_MS, Admission, AdmitResult, Completion, Settle, Verdict
 
 PREFIX = "/api/v1/"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -137,7 +137,7 @@ class Proxy:
         if head.cache_control is not None and req.cache is not None and not req.lookup:
             self.rt.metrics.cache_events.labels(ex.route, "bypass").inc()
 
-        result, store = await self.rt.admit(req.admission)
+        result, store = await self._admit(req.admission)
         following = False  # holds an idempotency lock as a follower, not yet concluded
         try:
             for attempt in range(_FOLLOW_ATTEMPTS):
@@ -149,27 +149,36 @@ class Proxy:
                 if verdict in (Verdict.ADMIT, Verdict.HIT, Verdict.REPLAY):
                     following = False  # the lock is the leader's path's now, or an answer's
                 if verdict is Verdict.ADMIT:
+                    if self.rt.tracing is not None:
+                        self.rt.tracing.decided("miss" if req.lookup else "bypass")
                     if req.stream:
                         return await self._stream(req, result, store, receive, send, ex)
                     return await self._forward(req, result, store, ex)
                 if verdict is Verdict.HIT:
-                    return await self._hit(req, result, store, ex)
+                    with tracing.child(self.rt.tracing, "gateway.cache") as span:
+                        span.set_attribute("gateway.cache.result", "hit")
+                        return await self._hit(req, result, store, ex)
                 if verdict is Verdict.REPLAY:
                     ex.cache = "bypass"
-                    reply, _, _ = decode_entry(result.entry or b"")
+                    with tracing.child(self.rt.tracing, "gateway.cache") as span:
+                        span.set_attribute("gateway.cache.result", "replay")
+                        reply, _, _ = decode_entry(result.entry or b"")
                     reply.headers.append((b"idempotent-replayed", b"true"))
                     return reply
                 if verdict is not Verdict.FOLLOW:
                     raise self._rejection(verdict, req, result, ex)
                 following = req.admission.idempotency is not None
-                leader = await self._follow(req, store)
+                with tracing.child(self.rt.tracing, "gateway.cache") as span:
+                    leader = await self._follow(req, store)
+                    span.set_attribute("gateway.cache.result",
+                                       "leader_gone" if leader is None else "coalesced")
                 if leader is not None:
                     following = False
                     return await self._coalesced(req, leader, store, ex)
                 if attempt + 1 < _FOLLOW_ATTEMPTS:
                     # the leader gave up without an answer: ask again, the quota counted once
-                    result, store = await self.rt.admit(replace(req.admission,
-                                                                count_quota=False))
+                    result, store = await self._admit(replace(req.admission,
+                                                              count_quota=False))
             raise UpstreamUnavailable(
                 "The upstream answer for this request could not be obtained.", status=503)
         finally:
@@ -178,6 +187,17 @@ class Proxy:
                 await self.rt.finish(store, Completion(
                     req.team.name, req.admission.ticket,
                     idempotency=(req.admission.idempotency[0], None, 0)), first=True)
+
+    async def _admit(self, admission: Admission) -> tuple[AdmitResult, Store]:
+        """`Runtime.admit`, in its span when tracing."""
+        if self.rt.tracing is None:
+            return await self.rt.admit(admission)
+        with self.rt.tracing.span("gateway.admit") as span:
+            result, store = await self.rt.admit(admission)
+            span.set_attributes({"gateway.verdict": result.verdict.name.lower(),
+                                 "gateway.store": "shared" if store is self.rt.store
+                                 else "fallback"})
+            return result, store
 
     # -- forwarding ------------------------------------------------------------------------------
 
@@ -246,8 +266,13 @@ class Proxy:
             ex.credits = from_milli(credits if credits is not None else req.billing.price)
         if decision.saved:
             self.rt.metrics.credits_saved.labels(req.team.name).inc(from_milli(decision.saved))
-        await self.rt.finish(store, completion, reservation=req.admission.reservation,
-                             first=written_first(req.billing, decision))
+        if self.rt.tracing is not None:
+            self.rt.tracing.answered(req.route, end, reply)
+        first = written_first(req.billing, decision)
+        with tracing.child(self.rt.tracing, "gateway.bookkeeping") as span:
+            span.set_attribute("gateway.bookkeeping.written_first", first)
+            await self.rt.finish(store, completion, reservation=req.admission.reservation,
+                                 first=first)
         return decision
 
     def _completion(self, req: ParsedRequest, end: End, decision: Decision,
@@ -413,7 +438,8 @@ class Proxy:
     def _observe(self, ex: Exchange, seconds: float) -> None:
         m = self.rt.metrics
         m.requests.labels(ex.team, ex.route, str(ex.status), ex.cache).inc()
-        m.request_duration.labels(ex.route).observe(seconds)
+        exemplar = None if self.rt.tracing is None else self.rt.tracing.finish_request(ex)
+        m.request_duration.labels(ex.route).observe(seconds, exemplar)
         if ex.cache in ("hit", "miss", "coalesced"):
             m.cache_events.labels(ex.route, ex.cache).inc()
         if ex.reason is not None:

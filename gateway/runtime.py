@@ -22,12 +22,13 @@ from .policy import Policy
 from .singleflight import Flights
 from .store import Store, StoreError, open_store
 from .store.base import Admission, AdmitResult, Completion, Reservation, Settled, Verdict
+from .tracing import Tracing
 from .upstream import Upstream
 
 log = logging.getLogger("gateway")
 HEARTBEAT_S = 5.0  # a process says it is alive this often ...
 ALIVE_S = 30.0  # ... and is taken for dead this long after it last did
-RESTART_SECTIONS = ("listen", "store", "upstream")  # what a reload cannot change
+RESTART_SECTIONS = ("listen", "store", "upstream", "tracing")  # what a reload cannot change
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +44,8 @@ class Reloaded:
 class Runtime:
     def __init__(self, policy: Policy, *, store: Store, upstream: Upstream, metrics: Metrics,
                  clock: Callable[[], float] = time.time, task_check_s: float = 600.0,
-                 config_path: str | None = None, alive_s: float = ALIVE_S) -> None:
+                 config_path: str | None = None, alive_s: float = ALIVE_S,
+                 tracing: Tracing | None = None) -> None:
         self.policy = policy
         self.config_path = config_path
         # a process not heard from this long is taken for dead (its reservations, settled)
@@ -57,6 +59,7 @@ class Runtime:
         self.store = store
         self.upstream = upstream
         self.metrics = metrics
+        self.tracing = tracing  # None: tracing is off (no `tracing` section)
         self.clock = clock
         self._fallback: Store | None = None
         # `store.on_error: open` refuses what it cannot decide without the store: a key is only
@@ -68,6 +71,7 @@ class Runtime:
             on_settled=lambda c, settled: self.settled(c.team, c.period, settled),
             on_error=self.metrics.store_errors.labels("finish").inc,
             on_depth=self.metrics.bookkeeping_pending.set,
+            trace=tracing.bookkeeping if tracing is not None else None,
         )
         # this process's name: every ticket starts with it, and the store knows it is alive
         self.process = os.urandom(6).hex()

@@ -668,3 +668,20 @@ def test_helm_metrics_token_from_the_charts_secret_or_yours() -> None:
 
     with pytest.raises(HelmError, match=re.escape("metrics.bearerToken")):
         render(config={"metrics": {"bearer_token": token}})
+
+
+@needs_helm
+def test_helm_tracing_endpoint_ratio_and_collector_headers() -> None:
+    """`tracing.endpoint` and `tracing.sampleRatio` reach the rendered config; the collector's
+    headers reach the pods only from a Secret (OTEL_EXPORTER_OTLP_HEADERS)."""
+    assert "tracing" not in rendered_config(render())  # off by default
+    m = render(tracing={"endpoint": "http://otel-collector.observability:4318",
+                        "sampleRatio": 0.25, "headersSecret": "org-otlp"},
+               config={"tracing": {"queue_size": 4096}})
+    config = cfg.parse(rendered_config(m), env={"APIINONE_API_KEY": API_KEY})
+    assert config.tracing == cfg.Tracing(endpoint="http://otel-collector.observability:4318",
+                                         sample_ratio=0.25, queue_size=4096)
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(m)["env"]
+           if "valueFrom" in e}
+    assert env["OTEL_EXPORTER_OTLP_HEADERS"] == {"name": "org-otlp", "key": "otlp-headers"}
+    assert "OTEL_EXPORTER_OTLP_HEADERS" not in json.dumps(render())

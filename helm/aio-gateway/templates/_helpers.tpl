@@ -115,8 +115,8 @@ store, an upstream key or a metrics token in the config itself, no upstream key 
 {{- end }}
 {{- end }}
 
-{{/* The gateway's config file: the `config` value with store.url, upstream.api_key and (with the
-ledger on) ledger.url set. */}}
+{{/* The gateway's config file: the `config` value with store.url, upstream.api_key, (with the
+ledger on) ledger.url and (with tracing on) tracing.endpoint and tracing.sample_ratio set. */}}
 {{- define "aio-gateway.config" -}}
 {{- $config := deepCopy (.Values.config | default dict) }}
 {{- $upstream := deepCopy (get $config "upstream" | default dict) }}
@@ -129,6 +129,12 @@ ledger on) ledger.url set. */}}
 {{- $ledger := deepCopy (get $config "ledger" | default dict) }}
 {{- $_ := set $ledger "url" "${AIO_GATEWAY_LEDGER_URL}" }}
 {{- $_ := set $config "ledger" $ledger }}
+{{- end }}
+{{- if .Values.tracing.endpoint }}
+{{- $tracing := deepCopy (get $config "tracing" | default dict) }}
+{{- $_ := set $tracing "endpoint" .Values.tracing.endpoint }}
+{{- $_ := set $tracing "sample_ratio" .Values.tracing.sampleRatio }}
+{{- $_ := set $config "tracing" $tracing }}
 {{- end }}
 {{- if include "aio-gateway.metricsTokenSecretName" . }}
 {{- $metrics := deepCopy (get $config "metrics" | default dict) }}
@@ -179,6 +185,13 @@ the gateway and the ledger migration Job.
     secretKeyRef:
       name: {{ .Values.ledger.existingSecret | default (printf "%s-ledger" (include "aio-gateway.fullname" .)) }}
       key: {{ if .Values.ledger.existingSecret }}{{ .Values.ledger.existingSecretKey }}{{ else }}ledger-url{{ end }}
+{{- end }}
+{{- if .Values.tracing.headersSecret }}
+- name: OTEL_EXPORTER_OTLP_HEADERS
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.tracing.headersSecret }}
+      key: {{ .Values.tracing.headersSecretKey }}
 {{- end }}
 {{- if gt (int .Values.workers) 1 }}
 - name: PROMETHEUS_MULTIPROC_DIR
