@@ -8,6 +8,7 @@ touched: never a secret, never a hash.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -55,9 +56,8 @@ def config_changes(old: Config, new: Config) -> dict[str, Any]:
     admin = _keys(old.admin.keys, new.admin.keys)
     if admin:
         out["admin_keys"] = admin
-    sections = [name for name in ("listen", "upstream", "store", "cache", "pricing", "ledger",
-                                  "logging", "auth", "attribution", "metrics")
-                if getattr(old, name, None) != getattr(new, name, None)]
+    sections = [f.name for f in dataclasses.fields(Config) if f.name not in ("teams", "admin")
+                and getattr(old, f.name) != getattr(new, f.name)]
     if sections:
         out["sections"] = sections
     return out
