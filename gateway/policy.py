@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from . import callbacks
 from . import quota as quotas
 from .attribution import TagRules
 from .auth import Authenticator
@@ -24,6 +25,7 @@ class TeamPolicy:
     budget_limit: int | None  # millicredits
     models: frozenset[str] | None
     policy_header: bytes | None  # RateLimit-Policy
+    callbacks: callbacks.Rules | None = None  # where its tasks' webhooks may go
 
 
 class Policy:
@@ -52,6 +54,8 @@ class Policy:
                 budget_limit=to_milli(team.budget.credits) if team.budget else None,
                 models=frozenset(team.models) if team.models is not None else None,
                 policy_header=quotas.policy_header(tuple(windows)).encode() if windows else None,
+                callbacks=None if team.callbacks is None else callbacks.compile_rules(
+                    team.callbacks.allow, team.callbacks.secrets),
             )
             for key in team.keys:
                 self.key_owner[key.id] = name

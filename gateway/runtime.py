@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import config as cfg
 from .bookkeeping import Bookkeeper
@@ -22,6 +22,9 @@ from .singleflight import Flights
 from .store import Store, StoreError, open_store
 from .store.base import Admission, AdmitResult, Completion, Reservation, Settled, Verdict
 from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .webhooks import Webhooks
 
 log = logging.getLogger("gateway")
 HEARTBEAT_S = 5.0  # a process says it is alive this often ...
@@ -68,6 +71,7 @@ class Runtime:
         self._tickets = itertools.count()
         self._warned_at = float("-inf")
         self.loop: asyncio.AbstractEventLoop | None = None  # the one it serves on, once started
+        self.webhooks: Webhooks | None = None  # task webhooks (set by create_app)
 
     def ticket(self) -> str:
         """A name for one request that no other request of any process will have: it owns the
