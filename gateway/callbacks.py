@@ -15,7 +15,10 @@ characters within one segment.
 
 Then the addresses: every address the host resolves to must be public (not private, loopback,
 link-local, shared, reserved, multicast or unspecified, IPv4-mapped and NAT64 forms judged by the
-IPv4 inside), unless one of the team's patterns names that very IP. The check is made when the
+IPv4 inside). The one exception is a URL whose host is itself an IP literal that a matching
+pattern names (`http://10.0.0.7:8080/` above): a host name never leads to a private address,
+so the port and path a pattern allows for an internal IP cannot be reached through a name that
+happens to resolve to it. The check is made when the
 request arrives (400 before anything is forwarded or reserved) and again for every delivery
 attempt, on the addresses that attempt connects to: `addresses()` resolves and checks, and the
 delivery connects only to what it returned (`webhooks.py` pins them), so a name that changes its
@@ -105,8 +108,16 @@ class Rules:
     """A team's `callbacks`, compiled once per config load."""
 
     patterns: tuple[Pattern, ...]
-    named: frozenset[IPAddress]  # non-public addresses a pattern names explicitly
     secret_ids: frozenset[str]  # ids `X-Callback-Secret-Id` may give ('' is `secret`)
+
+    def allows(self, target: Target) -> bool:
+        return any(p.matches(target) for p in self.patterns)
+
+    def named(self, target: Target) -> frozenset[IPAddress]:
+        """The non-public address `target` may lead to: its own IP, when a pattern that
+        matches it names that IP (a host name never may)."""
+        return frozenset(p.ip for p in self.patterns
+                         if p.ip is not None and p.ip == target.ip and p.matches(target))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +133,7 @@ class Callback:
 
 
 def compile_rules(allow: Sequence[str], secrets: Mapping[str, str]) -> Rules:
-    patterns = tuple(_pattern(text) for text in allow)
-    named = frozenset(p.ip for p in patterns if p.ip is not None and not public(p.ip))
-    return Rules(patterns, named, frozenset(["", *secrets]))
+    return Rules(tuple(_pattern(text) for text in allow), frozenset(["", *secrets]))
 
 
 def pattern_problem(text: str) -> str | None:
@@ -232,7 +241,7 @@ def from_request(rules: Rules | None, url: bytes | None, secret_id: bytes | None
         raise Refused("X-Callback-URL must be ASCII (percent-encode the rest).",
                       code="bad_url") from None
     target = parse(text)
-    if not any(p.matches(target) for p in rules.patterns):
+    if not rules.allows(target):
         raise Refused("X-Callback-URL is not allowed for this team (callbacks.allow).",
                       code="not_allowed")
     sid = ""
@@ -241,17 +250,13 @@ def from_request(rules: Rules | None, url: bytes | None, secret_id: bytes | None
         if not _SECRET_ID.fullmatch(sid) or sid not in rules.secret_ids:
             raise Refused("X-Callback-Secret-Id names no signing secret of this team.",
                           code="no_secret")
-    return Callback(target, sid, rules.named)
-
-
-def allowed(rules: Rules, target: Target) -> bool:
-    return any(p.matches(target) for p in rules.patterns)
+    return Callback(target, sid, rules.named(target))
 
 
 async def addresses(target: Target, named: frozenset[IPAddress], *,
                     lookup: Lookup | None = None) -> list[IPAddress]:
     """The addresses to connect to, every one checked; raises `Refused` when the host does not
-    resolve or any address is neither public nor named by a pattern."""
+    resolve or any address is neither public nor in `named` (`Rules.named`)."""
     if target.ip is not None:
         found = [target.ip]
     else:
@@ -270,8 +275,8 @@ async def addresses(target: Target, named: frozenset[IPAddress], *,
             raise Refused("X-Callback-URL: the host does not resolve.", code="unresolved")
     for address in found:
         if not public(address) and address not in named:
-            raise Refused("X-Callback-URL leads to a private, loopback or link-local address; "
-                          "only an IP that callbacks.allow names may be one.",
+            raise Refused("X-Callback-URL leads to a private, loopback or link-local address "
+                          "(allowed only as an IP literal that callbacks.allow names).",
                           code="private_address")
     return list(dict.fromkeys(found))
 

@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
-from . import callbacks, forward, inbound, routes
+from . import forward, inbound, routes
 from .asgi import (
     Message,
     Receive,
@@ -134,8 +134,8 @@ class Proxy:
             ex.cache = "bypass"
         if head.cache_control is not None and req.cache is not None and not req.lookup:
             self.rt.metrics.cache_events.labels(ex.route, "bypass").inc()
-        if req.callback is not None:  # its addresses, before anything is reserved or forwarded
-            await callbacks.addresses(req.callback.target, req.callback.named)
+        if req.callback is not None and self.rt.webhooks is not None:
+            await self.rt.webhooks.check(req.callback)  # before anything is reserved or sent
         return await self.serve(req, ex, receive, send)
 
     async def poll(self, req: ParsedRequest) -> Reply:

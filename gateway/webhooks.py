@@ -103,7 +103,8 @@ class Webhooks:
         self.owner = f"{runtime.process}.{os.urandom(4).hex()}"  # named in the leases it holds
         self._running: set[asyncio.Task[None]] = set()
         self._unrecorded: list[Hook] = []  # hooks the store was away for: recorded when back
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # work may be due now (a redelivery)
+        self._freed = asyncio.Event()  # a step ended: room for another
         self._tls = ssl.create_default_context(cafile=certifi.where())
 
     @property
@@ -111,6 +112,11 @@ class Webhooks:
         return self.rt.policy.config.webhooks
 
     # -- the request path ------------------------------------------------------------------------
+
+    async def check(self, callback: callbacks.Callback) -> None:
+        """Refuse (`callbacks.Refused`, 400) a callback whose host resolves to an address it
+        may not reach; the delivery checks again, each time it connects."""
+        await callbacks.addresses(callback.target, callback.named, lookup=self._lookup)
 
     async def watch(self, team: str, task_id: str, callback: callbacks.Callback) -> None:
         """Watch a new task for its webhook (before its creation is answered). With the store
@@ -148,11 +154,13 @@ class Webhooks:
                 self.rt.metrics.store_errors.labels("webhooks").inc()
             except Exception:  # a bad round must not end the loop
                 log.exception("webhook round failed")
-            if claimed and len(self._running) < self.settings.concurrency:
+            full = len(self._running) >= self.settings.concurrency
+            if claimed and not full:
                 continue  # there may be more due
-            self._wake.clear()
+            event = self._freed if full else self._wake
+            event.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.tick_s)
+                await asyncio.wait_for(event.wait(), self.settings.tick_s)
 
     async def once(self) -> int:
         """One round, to its end (tests): claim what is due, work on it, and wait for every
@@ -193,7 +201,7 @@ class Webhooks:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
-        self._wake.set()
+        self._freed.set()
 
     def _lease_ms(self) -> int:
         """One poll (bounded by a request's lock), one delivery attempt, and a margin."""
@@ -320,9 +328,10 @@ class Webhooks:
             return "secret_gone"
         try:
             target = callbacks.parse(hook.url)
-            if not callbacks.allowed(rules, target):
+            if not rules.allows(target):
                 return "not_allowed"
-            addresses = await callbacks.addresses(target, rules.named, lookup=self._lookup)
+            addresses = await callbacks.addresses(target, rules.named(target),
+                                                  lookup=self._lookup)
         except callbacks.Refused as exc:
             return exc.code
         timestamp = int(self.rt.clock())
@@ -335,36 +344,36 @@ class Webhooks:
                                            body),
         }
         try:
-            status = await self._post(target, addresses, headers, body)
+            status = await post(target, addresses, headers, body,
+                                timeout_s=self.settings.timeout_s, tls=self._tls)
         except TimeoutError:
             return "timeout"
         except (aiohttp.ClientError, OSError):
             return "connect"
         return None if 200 <= status < 300 else f"http_{status}"
 
-    async def _post(self, target: callbacks.Target, addresses: list[callbacks.IPAddress],
-                    headers: dict[str, str], body: bytes) -> int:
-        """POST to `target`, connecting to nothing but `addresses` (checked): the resolver
-        answers with them, and the socket factory refuses any other."""
-        checked = {str(a) for a in addresses}
+async def post(target: callbacks.Target, addresses: list[callbacks.IPAddress],
+               headers: dict[str, str], body: bytes, *, timeout_s: float,
+               tls: ssl.SSLContext) -> int:
+    """POST to `target`, connecting to nothing but `addresses` (checked): the resolver answers
+    with them, and the socket factory refuses any other. Returns the answer's status."""
+    checked = {str(a) for a in addresses}
 
-        def connect_to(info: tuple[int, int, int, str, tuple[object, ...]]) -> socket.socket:
-            family, kind, proto, _, address = info
-            host = str(address[0]).partition("%")[0]
-            if str(ipaddress.ip_address(host)) not in checked:
-                raise OSError(errno.EACCES, "the callback's address was not checked")
-            return socket.socket(family, kind, proto)
+    def connect_to(info: tuple[int, int, int, str, tuple[object, ...]]) -> socket.socket:
+        family, kind, proto, _, address = info
+        if str(ipaddress.ip_address(str(address[0]).partition("%")[0])) not in checked:
+            raise OSError(errno.EACCES, "the callback's address was not checked")
+        return socket.socket(family, kind, proto)
 
-        connector = aiohttp.TCPConnector(
-            resolver=_Pinned(addresses), use_dns_cache=False, ssl=self._tls, force_close=True,
-            limit=1, socket_factory=connect_to)
-        async with aiohttp.ClientSession(
-                connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
-                auto_decompress=False, timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s),
-        ) as session, session.post(yarl.URL(target.url, encoded=True), data=body,
-                                   headers=headers, allow_redirects=False) as answer:
-            await answer.content.read(ANSWER_BYTES)
-            return answer.status
+    connector = aiohttp.TCPConnector(resolver=_Pinned(addresses), use_dns_cache=False, ssl=tls,
+                                     force_close=True, limit=1, socket_factory=connect_to)
+    async with aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
+            auto_decompress=False, timeout=aiohttp.ClientTimeout(total=timeout_s),
+    ) as session, session.post(yarl.URL(target.url, encoded=True), data=body, headers=headers,
+                               allow_redirects=False) as answer:
+        await answer.content.read(ANSWER_BYTES)
+        return answer.status
 
 
 class _Pinned(AbstractResolver):
