@@ -14,6 +14,7 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import json
 import re
 import ssl
 import threading
@@ -47,6 +48,17 @@ from .conftest import (
     base_config,
     team_config,
 )
+from .test_deploy import (
+    API_KEY,
+    HelmError,
+    container,
+    helm,
+    needs_helm,
+    only,
+    render,
+    rendered_config,
+)
+from .test_openapi import conforms
 
 SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
 CI_SECRET = "whsec_" + base64.b64encode(bytes(range(100, 132))).decode()
@@ -250,7 +262,7 @@ def test_a_webhook_nobody_takes_fails_and_is_redelivered(
                what="the webhook to fail")
     attempts = len(receiver.deliveries)
     assert attempts >= 2
-    listed = gateway.admin("GET", "webhooks/failed")
+    listed = conforms(gateway.admin("GET", "webhooks/failed"))
     assert listed.status_code == 200
     [failed] = listed.json()["webhooks"]
     assert listed.json()["next"] is None
@@ -262,7 +274,7 @@ def test_a_webhook_nobody_takes_fails_and_is_redelivered(
     assert failed["task_status"] == "completed"
 
     receiver.plan = []
-    redone = gateway.admin("POST", f"webhooks/{failed['id']}/redeliver")
+    redone = conforms(gateway.admin("POST", f"webhooks/{failed['id']}/redeliver"))
     assert redone.status_code == 200 and redone.json() == {"id": failed["id"],
                                                            "redelivering": True}
     delivered = receiver.wait_for(attempts + 1)[-1]
@@ -270,11 +282,11 @@ def test_a_webhook_nobody_takes_fails_and_is_redelivered(
     assert verify(SECRET, delivered.headers, delivered.body)
     wait_until(lambda: gateway.admin("GET", "webhooks/failed").json()["webhooks"] == [],
                what="the failed list to empty")
-    again = gateway.admin("POST", f"webhooks/{failed['id']}/redeliver")
+    again = conforms(gateway.admin("POST", f"webhooks/{failed['id']}/redeliver"))
     assert again.status_code == 404 and again.json()["error"]["type"] == "not_found"
     assert gateway.admin("POST", "webhooks/nonsense/redeliver").status_code == 404
     for params in ({"after": "yesterday"}, {"limit": "many"}):
-        assert gateway.admin("GET", "webhooks/failed", params=params).status_code == 400
+        assert conforms(gateway.admin("GET", "webhooks/failed", params=params)).status_code == 400
     teamkey = gateway.client.get("/admin/v1/webhooks/failed",
                                  headers={"Authorization": f"Bearer {KEYS['research']}"})
     assert teamkey.status_code == 403
@@ -311,7 +323,7 @@ def test_refused_callbacks_answer_400_before_anything_is_reserved(
         ["http://localhost:*/", "http://*/x/", "http://127.0.0.1:*/", "http://10.1.2.3/y/"],
         budget={"credits": 1000, "period": "month"}, requests_per_minute=1000))
     for what, url in REFUSED.items():
-        answer = create(gateway, url)
+        answer = conforms(create(gateway, url))
         assert answer.status_code == 400, (what, answer.status_code, answer.text)
         assert answer.json()["error"]["type"] == "invalid_request", what
         assert url not in answer.text, what
@@ -626,3 +638,50 @@ def test_webhook_settings_are_checked(mock: Mock) -> None:
             cfg.from_dict(base_config(mock.api_url, webhooks=section))
     good = cfg.from_dict(base_config(mock.api_url, teams=callback_teams(["https://*.x.example/"])))
     assert SECRET not in repr(good) and CI_SECRET not in repr(good)
+
+
+# -- the Helm chart ----------------------------------------------------------------------------
+
+
+@needs_helm
+def test_helm_gives_webhook_secrets_to_the_pods_only_through_a_secret() -> None:
+    teams = {"research": {"keys": [], "callbacks": {
+        "allow": ["https://*.research.example.com/"], "secret": "${RESEARCH_WEBHOOK_SECRET}",
+        "secrets": {"ci": "${RESEARCH_CI_WEBHOOK_SECRET}"}}}}
+    chart_values = {"config": {"teams": teams},
+                    "webhooks": {"secrets": {"RESEARCH_WEBHOOK_SECRET": SECRET,
+                                             "RESEARCH_CI_WEBHOOK_SECRET": CI_SECRET}},
+                    "ledger": {"url": "postgresql://gateway:pw@postgres:5432/aio"},
+                    "upstream": {"apiKey": API_KEY}}
+    report = helm("lint", chart_values, kube_version="v1.23.0")
+    assert not [m for m in report["messages"] if m["severity"] >= 2] and not report["errors"]
+    m = render(**chart_values)
+    everything = json.dumps(m)
+    assert SECRET not in everything and CI_SECRET not in everything
+    (secret,) = [s for s in m["Secret"] if s["metadata"]["name"].endswith("-webhooks")]
+    assert base64.b64decode(secret["data"]["RESEARCH_WEBHOOK_SECRET"]).decode() == SECRET
+    (job,) = m["Job"]
+    (migrate,) = job["spec"]["template"]["spec"]["containers"]
+    for runs in (container(m), migrate):  # both read the config, so both need the variables
+        assert runs["envFrom"] == [{"secretRef": {"name": secret["metadata"]["name"]}}]
+    annotations = only(m, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/webhooks-secret" in annotations
+    config = cfg.parse(rendered_config(m), env={
+        "APIINONE_API_KEY": API_KEY, "AIO_GATEWAY_LEDGER_URL": "postgresql://g@db/aio",
+        "RESEARCH_WEBHOOK_SECRET": SECRET, "RESEARCH_CI_WEBHOOK_SECRET": CI_SECRET})
+    callbacks_section = config.teams["research"].callbacks
+    assert callbacks_section is not None and callbacks_section.secret == SECRET
+
+    mine = render(config={"teams": teams}, webhooks={"existingSecret": "org-webhooks"})
+    assert container(mine)["envFrom"] == [{"secretRef": {"name": "org-webhooks"}}]
+    assert not any(s["metadata"]["name"].endswith("-webhooks") for s in mine["Secret"])
+    assert "envFrom" not in container(render())
+
+    for chart_values, message in (
+            ({"webhooks": {"secrets": {"A": SECRET}, "existingSecret": "s"}}, "not both"),
+            ({"webhooks": {"secrets": {"not-a-variable": SECRET}}}, "environment variable"),
+            ({"config": {"teams": {"research": {"keys": [], "callbacks": {
+                "allow": ["https://x.example/"], "secret": SECRET}}}}},
+             "must not be in the config")):
+        with pytest.raises(HelmError, match=re.escape(message)):
+            render(**chart_values)
