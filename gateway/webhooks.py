@@ -75,8 +75,7 @@ LEASE_MARGIN_S = 5.0
 MAX_FAILED = 100_000  # failed hooks kept at most (besides `webhooks.keep_failed_s`)
 ANSWER_BYTES = 65536  # what is read of a receiver's answer (then dropped)
 # failures no retry can mend: the hook fails at once
-PERMANENT = frozenset({"callbacks_off", "secret_gone", "bad_url", "not_allowed", "team_gone",
-                       "task_not_found"})
+PERMANENT = frozenset({"callbacks_off", "secret_gone", "bad_url", "not_allowed"})
 
 Poll = Callable[[ParsedRequest], Awaitable[Reply]]
 
@@ -123,7 +122,7 @@ class Webhooks:
         away, the hook waits in this process until the store is back."""
         hook = Hook(new_id(), team, task_id, callback.target.url, callback.secret_id)
         try:
-            await self.rt.store.hook_watch(hook, self._interval_ms(0.0))
+            await self._record(hook)
         except StoreError:
             self.rt.metrics.store_errors.labels("webhooks").inc()
             log.warning("store unreachable: a task's webhook is kept here until it is back",
@@ -185,8 +184,16 @@ class Webhooks:
 
     async def _record_unrecorded(self) -> None:
         while self._unrecorded:
-            await self.rt.store.hook_watch(self._unrecorded[0], self._interval_ms(0.0))
+            await self._record(self._unrecorded[0])
             self._unrecorded.pop(0)
+
+    async def _record(self, hook: Hook) -> None:
+        """Record a hook; raises `StoreError` only (a defect is logged: the hook is lost)."""
+        try:
+            await self.rt.store.hook_watch(hook, self._interval_ms(0.0))
+        except ScriptFailed:
+            log.exception("a task's webhook could not be recorded",
+                          extra={"fields": {"webhook_id": hook.id, "team": hook.team}})
 
     async def _start_due(self) -> int:
         free = self.settings.concurrency - len(self._running)
@@ -243,9 +250,8 @@ class Webhooks:
         error = "running"
         try:
             reply = await self._poll_task(team.name, hook)
-        except NotFound:  # the team no longer owns it (its record expired)
-            await self._give_up(hook, "task_not_found", attempted=False)
-            return None
+        except NotFound:  # the team's ownership is not in the store (yet: written late while
+            error = "not_owned"  # the store was away; or no more: the record expired)
         except RateLimited:
             error = "paced"
         except (GatewayError, TimeoutError):

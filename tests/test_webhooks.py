@@ -292,6 +292,26 @@ def test_a_webhook_nobody_takes_fails_and_is_redelivered(
     assert teamkey.status_code == 403
 
 
+def test_a_watch_made_while_the_store_is_away_is_recorded_once_it_is_back(
+        private_redis: RedisServer, make_gateway: GatewayFactory, mock: Mock,
+        receiver: Receiver) -> None:
+    """`store.on_error: open`: a task created while Redis is down keeps its watch in the
+    process, recorded (and then polled and delivered) once Redis is back."""
+    gateway = make_gateway(private_redis.url, store={"on_error": "open"},
+                           teams=callback_teams([f"http://127.0.0.1:{receiver.port}/"]),
+                           webhooks=fast_hooks(), cache={"pending_task_ttl_s": 0.1})
+    wait_until(lambda: gateway.runtime._revocations_known, what="the first heartbeat")
+    private_redis.stop()
+    created = create(gateway, f"http://127.0.0.1:{receiver.port}/", mock_final="completed")
+    assert created.status_code == 200, created.text
+    assert len(gateway.runtime.webhooks._unrecorded) == 1  # kept in the process
+    assert receiver.deliveries == []
+    private_redis.start()
+    [delivery] = receiver.wait_for(1)
+    assert orjson.loads(delivery.body)["id"] == created.json()["id"]
+    assert verify(SECRET, delivery.headers, delivery.body)
+
+
 # -- refusals: nothing forwarded, nothing reserved ---------------------------------------------
 
 
