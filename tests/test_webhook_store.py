@@ -13,7 +13,7 @@ from gateway.store import ScriptStore, open_store
 from gateway.store.hooks import Hook, State, Step, Update
 from gateway.store.redis import RedisEngine
 
-from .conftest import RedisServer
+from .conftest import RedisClusterServers, RedisServer
 from .test_embedded import (  # noqa: F401 -- `pair` is a fixture
     Pair,
     Recorder,
@@ -113,8 +113,9 @@ async def walk(store: ScriptStore, advance: Any) -> None:
     assert await store.hook_claim("a", LONG, 10) == []
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def hook_store(request: pytest.FixtureRequest) -> tuple[ScriptStore, Any]:
+    """Every hook key carries `{org}`: one hash slot, so a cluster runs the same scripts."""
     if request.param == "memory":
         now = [1_700_000_000.0]
 
@@ -122,12 +123,15 @@ def hook_store(request: pytest.FixtureRequest) -> tuple[ScriptStore, Any]:
             now[0] += ms / 1000
 
         return open_store("memory://", clock=lambda: now[0]), advance
-    server: RedisServer = request.getfixturevalue("redis_server")
-    server.cli("FLUSHALL")
-
     async def wait(ms: float) -> None:  # Redis runs on its own clock
         await asyncio.sleep(ms / 1000 + 0.002)
 
+    if request.param == "cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        return open_store(cluster.url), wait
+    server: RedisServer = request.getfixturevalue("redis_server")
+    server.cli("FLUSHALL")
     return open_store(server.url), wait
 
 
