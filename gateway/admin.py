@@ -12,6 +12,9 @@
     DELETE /admin/v1/cache                       flush the cache (?route=...&team=...)
     POST   /admin/v1/reload                      re-read the config file, on every process
     GET    /admin/v1/audit                       who did what: admin actions, config changes
+    GET    /admin/v1/webhooks/failed             task webhooks given up, oldest first, paged
+                                                 (?after=<cursor>&limit=)
+    POST   /admin/v1/webhooks/{id}/redeliver     put a failed webhook back to work
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ PREFIX = "/admin/v1"
 _ENTRY_ID = re.compile(r"[0-9]{1,15}-[0-9]{1,19}")  # patterns are used with fullmatch
 _DAYS = re.compile(r"([0-9]{1,4})d")
 _LIMIT = re.compile(r"-?[0-9]{1,9}")
+_HOOK_ID = re.compile(r"msg_[0-9a-f]{32}")
+_HOOK_CURSOR = re.compile(r"([0-9]{1,15})-(msg_[0-9a-f]{32})")
 
 
 def routes() -> list[BaseRoute]:
@@ -55,6 +60,8 @@ def routes() -> list[BaseRoute]:
         Route(f"{PREFIX}/cache", flush_cache, methods=["DELETE"]),
         Route(f"{PREFIX}/reload", reload, methods=["POST"]),
         Route(f"{PREFIX}/audit", audit_log, methods=["GET"]),
+        Route(f"{PREFIX}/webhooks/failed", webhooks_failed, methods=["GET"]),
+        Route(f"{PREFIX}/webhooks/{{hook_id}}/redeliver", redeliver_webhook, methods=["POST"]),
     ]
 
 
@@ -306,3 +313,57 @@ async def audit_log(request: Request) -> Response:
     out = [{"id": e.id, "time_ms": int(e.id.split("-", 1)[0]), **orjson.loads(e.event)}
            for e in entries]
     return _json({"entries": out, "next": out[-1]["id"] if len(out) == limit else None})
+
+
+async def webhooks_failed(request: Request) -> Response:
+    """Failed task webhooks: where they went (the origin only: a path or query may hold the
+    receiver's own secret), why they failed, and the cursor of the next page."""
+    runtime = _authorize(request)
+    raw_limit = request.query_params.get("limit", "100")
+    if not _LIMIT.fullmatch(raw_limit):
+        raise InvalidRequest("limit must be a whole number.")
+    limit = min(max(int(raw_limit), 1), 1000)
+    after = None
+    raw_after = request.query_params.get("after")
+    if raw_after is not None:
+        cursor = _HOOK_CURSOR.fullmatch(raw_after)
+        if cursor is None:
+            raise InvalidRequest("after must be the next cursor of a previous page.")
+        after = (int(cursor[1]), cursor[2])
+    assert runtime.webhooks is not None, "create_app sets it"
+    hooks = await _store(runtime.webhooks.failed(after=after, limit=limit))
+    out = [{
+        "id": hook.id,
+        "team": hook.team,
+        "task_id": hook.task_id,
+        "callback": _origin(hook.url),
+        "error": hook.error,
+        "attempts": hook.attempts,
+        "polls": hook.polls,
+        "task_status": hook.status or None,
+        "created_at": _time_ms(hook.created_ms),
+        "failed_at": _time_ms(hook.failed_ms),
+    } for hook in hooks]
+    last = hooks[-1] if len(hooks) == limit else None
+    return _json({"webhooks": out, "next": f"{last.failed_ms}-{last.id}" if last else None})
+
+
+async def redeliver_webhook(request: Request) -> Response:
+    """A failed webhook goes back to work at once, with its webhook-id: delivered again (or,
+    when its task had not ended, its task polled again)."""
+    runtime = _authorize(request)
+    hook_id = request.path_params["hook_id"]
+    assert runtime.webhooks is not None, "create_app sets it"
+    if not _HOOK_ID.fullmatch(hook_id) or not await _store(runtime.webhooks.redeliver(hook_id)):
+        raise NotFound("No failed webhook with that id.")
+    return _json({"id": hook_id, "redelivering": True})
+
+
+def _origin(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+def _time_ms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")

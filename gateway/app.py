@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import admin, logs, openapi
+from . import admin, callbacks, logs, openapi
 from . import config as cfg
 from .asgi import Receive, RequestIdMiddleware, Scope, Send, with_body_timeout
 from .auth import EXPIRY_WINDOWS, bearer_token
@@ -34,6 +34,7 @@ from .store import Store, StoreError, open_store
 from .tasks import Reconciler
 from .tracing import Tracing
 from .upstream import Upstream
+from .webhooks import Webhooks
 
 log = logging.getLogger("gateway")
 CONFIG_ENV = "AIO_GATEWAY_CONFIG"
@@ -71,6 +72,7 @@ def create_app(
     reconcile_interval_s: float = 30.0,
     task_check_s: float = 600.0,
     alive_s: float = 30.0,
+    lookup: callbacks.Lookup | None = None,
 ) -> Gateway:
     store = store or open_store(config.store.url, prefix=config.store.key_prefix,
                                 timeout_s=config.store.timeout_s, clock=clock,
@@ -100,6 +102,7 @@ def create_app(
         background = [
             asyncio.create_task(Reconciler(runtime, interval_s=reconcile_interval_s).run()),
             asyncio.create_task(runtime.keep_alive()),
+            asyncio.create_task(webhooks.run()),
         ]
         if shipper is not None:
             shipper.start()
@@ -111,6 +114,7 @@ def create_app(
         finally:
             for task in background:
                 task.cancel()
+            await webhooks.close()
             grace_ends = time.monotonic() + runtime.policy.config.listen.shutdown_grace_s
             await runtime.drain(runtime.policy.config.listen.shutdown_grace_s)
             if shipper is not None and ledger_db is not None:
@@ -135,7 +139,9 @@ def create_app(
     )
     site.state.runtime = runtime
     site.state.ledger = ledger_db
-    return Gateway(runtime, site, body_timeout_s=config.listen.body_timeout_s)
+    gateway = Gateway(runtime, site, body_timeout_s=config.listen.body_timeout_s)
+    webhooks = runtime.webhooks = Webhooks(runtime, gateway.proxy.poll, lookup=lookup)
+    return gateway
 
 
 def _ledger(config: cfg.Config, runtime: Runtime) -> tuple[LedgerDB | None, Shipper | None]:
@@ -163,8 +169,13 @@ def create_app_from_env() -> Gateway:
     config = cfg.load(path)
     logs.configure(config.logging.level,
                    secrets=[config.upstream.api_key, config.metrics.bearer_token or "",
-                            *url_secrets(config.ledger.url)])
+                            *url_secrets(config.ledger.url), *_webhook_secrets(config)])
     return create_app(config, config_path=path)
+
+
+def _webhook_secrets(config: cfg.Config) -> list[str]:
+    return [secret for team in config.teams.values() if team.callbacks is not None
+            for secret in (team.callbacks.secret, *team.callbacks.secrets.values())]
 
 
 def _reload_on_signal(runtime: Runtime) -> None:

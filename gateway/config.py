@@ -24,6 +24,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
+from . import callbacks
+
 Period = Literal["day", "week", "month", "total"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # patterns are used with fullmatch
@@ -147,6 +149,25 @@ class Key:
     budget: Budget | None = None
 
 
+WEBHOOK_SECRET = re.compile(r"whsec_[A-Za-z0-9+/]{32,88}={0,2}")
+_WEBHOOK_SECRET_CHECK = _check(
+    pattern=WEBHOOK_SECRET, secret=True,
+    hint="whsec_ and the base64 of 24 to 64 random bytes (the value is not shown)")
+
+
+@dataclass(frozen=True, slots=True)
+class Callbacks:
+    """Task completion webhooks (`X-Callback-URL`): where they may go, and how they are signed.
+
+    `allow`: URL prefixes with `*` wildcards (gateway/callbacks.py); `secret`: the Standard
+    Webhooks signing secret; `secrets`: more of them by id, for `X-Callback-Secret-Id`."""
+
+    allow: tuple[str, ...]
+    secret: str = field(repr=False, metadata=_WEBHOOK_SECRET_CHECK)
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False,
+                                       metadata=_WEBHOOK_SECRET_CHECK)
+
+
 @dataclass(frozen=True, slots=True)
 class Team:
     keys: tuple[Key, ...] = ()
@@ -155,6 +176,7 @@ class Team:
     requests_per_day: int | None = field(default=None, metadata=_check(minimum=1, maximum=MANY))
     budget: Budget | None = None
     models: tuple[str, ...] | None = None
+    callbacks: Callbacks | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +244,25 @@ class Tracing:
 
 
 @dataclass(frozen=True, slots=True)
+class Webhooks:
+    """How the gateway polls tasks that carry an `X-Callback-URL`, and delivers their webhooks
+    (gateway/webhooks.py)."""
+
+    poll_interval_s: float = field(default=5.0, metadata=_check(minimum=0.1, maximum=DAY_S))
+    max_poll_interval_s: float = field(default=60.0, metadata=_check(minimum=0.1, maximum=DAY_S))
+    max_task_age_s: float = field(default=DAY_S, metadata=_check(above=0, maximum=TEN_YEARS_S))
+    timeout_s: float = field(default=10.0, metadata=_check(above=0, maximum=300))
+    first_retry_s: float = field(default=5.0, metadata=_check(minimum=0.1, maximum=DAY_S))
+    max_retry_interval_s: float = field(default=3600.0,
+                                        metadata=_check(minimum=0.1, maximum=DAY_S))
+    retry_for_s: float = field(default=DAY_S, metadata=_check(minimum=0, maximum=30 * DAY_S))
+    keep_failed_s: float = field(default=7 * DAY_S,
+                                 metadata=_check(above=0, maximum=365 * DAY_S))
+    concurrency: int = field(default=16, metadata=_check(minimum=1, maximum=1000))
+    tick_s: float = field(default=1.0, metadata=_check(minimum=0.01, maximum=3600))
+
+
+@dataclass(frozen=True, slots=True)
 class Metrics:
     """`bearer_token`: when set, GET /metrics needs `Authorization: Bearer <token>`."""
 
@@ -247,6 +288,7 @@ class Config:
     attribution: Attribution = Attribution()
     ledger: Ledger = Ledger()
     tracing: Tracing | None = None
+    webhooks: Webhooks = Webhooks()
     logging: Logging = Logging()
     metrics: Metrics = Metrics()
 
@@ -507,6 +549,7 @@ def _validate(config: Config) -> None:
     if config.auth.jwt is not None:
         _validate_jwt(config.auth.jwt)
     _validate_attribution(config.attribution)
+    _validate_webhooks(config)
 
 
 _VISIBLE = re.compile(r"[!-~]+")  # visible ASCII: no space, no control character
@@ -691,3 +734,34 @@ def _check_postgres_url(url: str) -> None:
     for name, _ in parse_qsl(parts.query, keep_blank_values=True):
         if not _PG_QUERY_KEY.fullmatch(name):
             raise ConfigError(f"{where}: query parameters are lowercase names, like sslmode")
+
+
+def _validate_webhooks(config: Config) -> None:
+    for name, team in config.teams.items():
+        if team.callbacks is None:
+            continue
+        where = f"teams.{name}.callbacks"
+        allow = team.callbacks.allow
+        if not 1 <= len(allow) <= 100:
+            raise ConfigError(f"{where}.allow: list 1 to 100 URL patterns")
+        for i, pattern in enumerate(allow):
+            problem = callbacks.pattern_problem(pattern)
+            if problem is not None:
+                raise ConfigError(f"{where}.allow[{i}]: {problem}")
+        if len(team.callbacks.secrets) > 32:
+            raise ConfigError(f"{where}.secrets: at most 32 secrets")
+        secrets = [(f"{where}.secret", team.callbacks.secret)]
+        for secret_id, secret in team.callbacks.secrets.items():
+            at = _join(f"{where}.secrets", secret_id)
+            if not _NAME.fullmatch(secret_id):
+                raise ConfigError(f"{at}: secret ids use letters, digits, '_', '.', '-'")
+            secrets.append((at, secret))
+        for at, secret in secrets:
+            if not 24 <= len(callbacks.secret_bytes(secret)) <= 64:
+                raise ConfigError(f"{at}: must be whsec_ and the base64 of 24 to 64 bytes "
+                                  "(the value is not shown)")
+    hooks = config.webhooks
+    if hooks.max_poll_interval_s < hooks.poll_interval_s:
+        raise ConfigError("webhooks.max_poll_interval_s: must be at least poll_interval_s")
+    if hooks.max_retry_interval_s < hooks.first_retry_s:
+        raise ConfigError("webhooks.max_retry_interval_s: must be at least first_retry_s")

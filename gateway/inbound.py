@@ -35,7 +35,8 @@ from .errors import InvalidRequest
 _EXACT = 2.0**64
 _JSON_TYPES = (b"application/json", b"application/x-www-form-urlencoded", b"text/plain")
 # fields that must appear once (RFC 9110 5.3): with two, which one counts depends on the reader
-_SINGLETONS = frozenset({b"authorization", b"content-type", b"idempotency-key", b"x-request-id"})
+_SINGLETONS = frozenset({b"authorization", b"content-type", b"idempotency-key", b"x-request-id",
+                         b"x-callback-url", b"x-callback-secret-id"})
 
 _CONTROL_TEXT = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")

@@ -164,6 +164,11 @@ class Metrics:
             "gateway_keys_expiring",
             "Team keys whose expires_at comes within 7 or 30 days (not yet expired).",
             ["within"], multiprocess_mode="mostrecent", registry=registry))
+        self.webhook_deliveries = Labelled(Counter(
+            "gateway_webhook_deliveries_total",
+            "Task webhook deliveries: delivered, retried (an attempt failed; another follows) "
+            "and failed (given up; listed by GET /admin/v1/webhooks/failed).",
+            ["result"], registry=registry))
         self.store_fallback = Counter(
             "gateway_store_fallback_requests_total",
             "Requests served without the shared store (store.on_error: open).",

@@ -47,8 +47,10 @@ _ASYNC = {  # endpoint -> (operationId, summary)
 # own answers, passed through unchanged (and never charged).
 _WHY = {
     400: "`invalid_request`: the body is not JSON or not an object, `model` is missing or not a "
-         "non-empty string, `Idempotency-Key` is malformed, `Content-Length` is not a number; "
-         "or the upstream's own 400 about a model parameter.",
+         "non-empty string, `Idempotency-Key` is malformed, `Content-Length` is not a number, "
+         "`X-Callback-URL` is refused (not an asynchronous endpoint, not allowed for the team, "
+         "or it leads to a private address); or the upstream's own 400 about a model "
+         "parameter.",
     401: "`authentication_error`: the team key is missing, unknown, malformed or revoked.",
     402: "`insufficient_credits`: the team's budget for this period cannot hold the model's "
          "price (the message says how many credits remain and how many were needed).",
@@ -123,11 +125,16 @@ def _async_operation(endpoint: str) -> Json:
         "summary": summary,
         "description": (
             "Answers at once with a pending task; poll `GET /api/v1/tasks/{task_id}` until it "
-            "is finished. The model's price is reserved from the team's budget and settled to "
-            "the task's `credits_consumed` when its final status is seen."
+            "is finished, or send `X-Callback-URL` and the gateway polls it for you and POSTs "
+            "its final status there (a signed webhook). The model's price is reserved from the "
+            "team's budget and settled to the task's `credits_consumed` when its final status "
+            "is seen. A callback URL the team's `callbacks.allow` does not list, or that leads "
+            "to a private, loopback or link-local address, answers 400 before anything is "
+            "reserved or forwarded."
         ),
         "security": [{"teamKey": []}],
-        "parameters": _post_parameters(),
+        "parameters": [*_post_parameters(), {"$ref": "#/components/parameters/CallbackUrl"},
+                       {"$ref": "#/components/parameters/CallbackSecretId"}],
         "requestBody": _json_body("#/components/schemas/TaskRequest"),
         "responses": _proxied_responses(
             "POST", _content("#/components/schemas/Task"), "The task was created.",
@@ -419,6 +426,30 @@ def _admin_paths() -> Json:
                  "description": "Only this team's entries.", "schema": {"type": "string"}},
             ],
         )},
+        f"{ADMIN}/webhooks/failed": {"get": _admin_operation(
+            "listFailedWebhooks", "Task webhooks given up (after their retries, or at once when "
+            "no retry could help), oldest first, paged",
+            _admin_ok("#/components/schemas/FailedWebhooks"),
+            _admin_errors(400, 503, bad_request="`limit` is not a whole number, or `after` is "
+                          "not a cursor of a previous page."),
+            parameters=[
+                {"name": "after", "in": "query", "required": False,
+                 "description": "The `next` of the previous page.",
+                 "schema": {"type": "string", "pattern": "^[0-9]{1,15}-msg_[0-9a-f]{32}$"}},
+                {"name": "limit", "in": "query", "required": False,
+                 "description": "Webhooks per page; values outside 1..1000 are brought into it.",
+                 "schema": {"type": "integer", "default": 100}},
+            ],
+        )},
+        f"{ADMIN}/webhooks/{{hook_id}}/redeliver": {"post": _admin_operation(
+            "redeliverWebhook", "Put a failed task webhook back to work at once, with the same "
+            "webhook-id (its task is polled again if it had not ended)",
+            _admin_ok("#/components/schemas/Redelivering"),
+            _admin_errors(404, 503, not_found="No failed webhook with this id."),
+            parameters=[{"name": "hook_id", "in": "path", "required": True,
+                         "description": "The webhook's `id` (its `webhook-id` header).",
+                         "schema": {"type": "string"}}],
+        )},
         f"{ADMIN}/reload": {"post": _admin_operation(
             "reloadConfig",
             "Re-read the config file here and on every process sharing the store (like SIGHUP); "
@@ -514,6 +545,23 @@ def _components() -> Json:
                                "one); `no-store`: leave the cache alone. Other directives are "
                                "ignored.",
                 "schema": {"type": "string", "example": "no-cache"},
+            },
+            "CallbackUrl": {
+                "name": "X-Callback-URL", "in": "header", "required": False,
+                "description": (
+                    "Where to POST the task's final status when it ends, signed as Standard "
+                    "Webhooks sign (`webhook-id`, `webhook-timestamp`, `webhook-signature`). "
+                    "http(s) only, no credentials or fragment, at most 2048 characters; it must "
+                    "match one of the team's `callbacks.allow` patterns."
+                ),
+                "schema": {"type": "string", "maxLength": 2048,
+                           "example": "https://hooks.research.example.com/tasks"},
+            },
+            "CallbackSecretId": {
+                "name": "X-Callback-Secret-Id", "in": "header", "required": False,
+                "description": "Sign the webhook with this one of the team's "
+                               "`callbacks.secrets` instead of its `callbacks.secret`.",
+                "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
             },
             "RequestId": {
                 "name": "X-Request-ID", "in": "header", "required": False,
@@ -808,6 +856,44 @@ def _schemas() -> Json:
                 "rows": {"type": "array", "items": {"type": "array", "items": {
                     "oneOf": [string, number]}}},
             },
+        },
+        "FailedWebhooks": {
+            "type": "object",
+            "required": ["webhooks", "next"],
+            "properties": {
+                "webhooks": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["id", "team", "task_id", "callback", "error", "attempts",
+                                 "polls", "task_status", "created_at", "failed_at"],
+                    "properties": {
+                        "id": {"type": "string", "description": "Its `webhook-id`."},
+                        "team": {"type": "string"},
+                        "task_id": {"type": "string"},
+                        "callback": {"type": "string",
+                                     "description": "The callback URL's scheme, host and port "
+                                                    "(its path and query are not shown: they "
+                                                    "may hold the receiver's own secret)."},
+                        "error": {"type": "string",
+                                  "description": "Why the last attempt failed, e.g. "
+                                                 "`http_500`, `timeout`, `connect`, "
+                                                 "`private_address`, `task_not_finished`."},
+                        "attempts": {"type": "integer", "minimum": 0},
+                        "polls": {"type": "integer", "minimum": 0},
+                        "task_status": {"type": "string", "nullable": True,
+                                        "description": "The task's final status, if it ended."},
+                        "created_at": {"type": "string", "format": "date-time"},
+                        "failed_at": {"type": "string", "format": "date-time"},
+                    },
+                }},
+                "next": {"type": "string", "nullable": True,
+                         "description": "The `after` of the next page; null on the last."},
+            },
+        },
+        "Redelivering": {
+            "type": "object",
+            "required": ["id", "redelivering"],
+            "properties": {"id": {"type": "string"},
+                           "redelivering": {"type": "boolean", "enum": [True]}},
         },
         "CacheFlush": {
             "type": "object",

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from . import callbacks
 from .attribution import TagRules
 from .auth import Authenticator
 from .budget import to_milli
@@ -42,6 +43,7 @@ class TeamPolicy:
         key = self.keys.get(key_id)
         return (self.quotas, self.policy_header) if key is None else (key.quotas,
                                                                      key.policy_header)
+    callbacks: callbacks.Rules | None = None  # where its tasks' webhooks may go
 
 
 class Policy:
@@ -68,6 +70,8 @@ class Policy:
                 policy_header=_header(windows),
                 keys={key.id: _key_policy(key, windows) for key in team.keys
                       if key.requests_per_minute or key.requests_per_day or key.budget},
+                callbacks=None if team.callbacks is None else callbacks.compile_rules(
+                    team.callbacks.allow, team.callbacks.secrets),
             )
             for key in team.keys:
                 self.key_owner[key.id] = name

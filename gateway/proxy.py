@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 from . import forward, inbound, routes, tracing
 from .asgi import (
+    Message,
     Receive,
     Reply,
     Scope,
@@ -136,7 +137,23 @@ class Proxy:
             ex.cache = "bypass"
         if head.cache_control is not None and req.cache is not None and not req.lookup:
             self.rt.metrics.cache_events.labels(ex.route, "bypass").inc()
+        if req.callback is not None and self.rt.webhooks is not None:
+            await self.rt.webhooks.check(req.callback)  # before anything is reserved or sent
+        return await self.serve(req, ex, receive, send)
 
+    async def poll(self, req: ParsedRequest) -> Reply:
+        """The gateway's own poll of a task (webhooks.py): a client's `GET /tasks/{id}`, but
+        for the HTTP around it."""
+        ex = Exchange(req.request_id, req.method, req.route, req.team.name, req.key_id)
+        reply = await self.serve(req, ex, _no_receive, _no_send)
+        assert reply is not None, "a task poll is never streamed"
+        return reply
+
+    async def serve(self, req: ParsedRequest, ex: Exchange, receive: Receive,
+                    send: Send) -> Reply | None:
+        """Admit a parsed request, then answer it from the cache, by a replay, by following the
+        request already fetching it, or by forwarding it."""
+        team = req.team
         result, store = await self._admit(req.admission)
         following = False  # holds an idempotency lock as a follower, not yet concluded
         try:
@@ -273,6 +290,8 @@ class Proxy:
             span.set_attribute("gateway.bookkeeping.written_first", first)
             await self.rt.finish(store, completion, reservation=req.admission.reservation,
                                  first=first)
+        if req.callback is not None and decision.owner is not None and self.rt.webhooks:
+            await self.rt.webhooks.watch(req.team.name, decision.owner, req.callback)
         return decision
 
     def _completion(self, req: ParsedRequest, end: End, decision: Decision,
@@ -474,6 +493,14 @@ class _NoFlight:
 
 def _no_flight() -> _NoFlight:
     return _NoFlight()
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+async def _no_send(message: Message) -> None:
+    raise RuntimeError("nothing is sent for the gateway's own requests")
 
 
 def _answer_of(reply: Reply) -> Answer:

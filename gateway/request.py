@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from . import inbound, routes
+from . import callbacks, inbound, routes
 from .asgi import Headers
 from .attribution import TAGS_HEADER, parse_tags
 from .budget import period_id, to_milli
@@ -42,13 +42,14 @@ class ParsedRequest:
     admission: Admission
     deadline_s: float  # the whole upstream call, pacing wait and retries included
     tags_ignored: str | None  # what `X-Gateway-Tags-Ignored` tells the client, if anything
+    callback: callbacks.Callback | None = None  # X-Callback-URL: a webhook when the task ends
 
 
 class Head:
     """The few request headers the gateway reads, found in one pass."""
 
-    __slots__ = ("authorization", "cache_control", "content_length", "content_type",
-                 "idempotency_key", "tags")
+    __slots__ = ("authorization", "cache_control", "callback_secret_id", "callback_url",
+                 "content_length", "content_type", "idempotency_key", "tags")
 
     def __init__(self, headers: Headers) -> None:
         self.authorization: bytes | None = None
@@ -57,6 +58,8 @@ class Head:
         self.idempotency_key: bytes | None = None
         self.content_length: int | None = None
         self.tags: bytes | None = None
+        self.callback_url: bytes | None = None
+        self.callback_secret_id: bytes | None = None
         for name, value in headers:
             if name == b"authorization":
                 self.authorization = value
@@ -72,6 +75,10 @@ class Head:
                 self.idempotency_key = value.strip()
             elif name == TAGS_HEADER:  # repeated: one list
                 self.tags = value if self.tags is None else self.tags + b"," + value
+            elif name == b"x-callback-url":
+                self.callback_url = value.strip()
+            elif name == b"x-callback-secret-id":
+                self.callback_secret_id = value.strip()
 
 
 def read_json(method: str, body: bytes, content_type: bytes | None
@@ -170,9 +177,16 @@ def parse(policy: Policy, team: TeamPolicy, key_id: str, *, request_id: str, met
                       cacheable=cache is not None, shared=cache is not None and cache.shared)
     headers = request_headers(raw_headers, request_id=request_id.encode(),
                               json_body=payload is not None)
+    callback = callbacks.from_request(team.callbacks, head.callback_url, head.callback_secret_id,
+                                      async_endpoint=kind is Kind.CREATE)
+    if callback is not None:  # the gateway's own headers: not the upstream's business
+        headers = [(k, v) for k, v in headers if k not in _CALLBACK_HEADERS]
     return ParsedRequest(request_id, method, path, route, query, team, key_id, model, headers,
                          body, stream, task_id, cache, lookup, flight, billing, admission,
-                         deadline_s, tags_ignored)
+                         deadline_s, tags_ignored, callback)
+
+
+_CALLBACK_HEADERS = (b"x-callback-url", b"x-callback-secret-id")
 
 
 def _kind(method: str, path: str) -> Kind:

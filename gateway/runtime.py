@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import audit
 from . import config as cfg
@@ -24,6 +24,9 @@ from .store import Store, StoreError, open_store
 from .store.base import Admission, AdmitResult, Completion, Reservation, Settled, Verdict
 from .tracing import Tracing
 from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .webhooks import Webhooks
 
 log = logging.getLogger("gateway")
 HEARTBEAT_S = 5.0  # a process says it is alive this often ...
@@ -78,6 +81,7 @@ class Runtime:
         self._tickets = itertools.count()
         self._warned_at = float("-inf")
         self.loop: asyncio.AbstractEventLoop | None = None  # the one it serves on, once started
+        self.webhooks: Webhooks | None = None  # task webhooks (set by create_app)
 
     def ticket(self) -> str:
         """A name for one request that no other request of any process will have: it owns the

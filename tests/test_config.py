@@ -38,7 +38,8 @@ def test_a_config_with_only_the_key_has_the_contract_defaults() -> None:
 
 def test_example_config_is_valid_and_documents_every_field() -> None:
     text = (ROOT / "config.example.yaml").read_text()
-    config = cfg.parse(text, {"APIINONE_API_KEY": "aio_example"})
+    secret = "whsec_" + "A" * 32  # the webhook secret's variable (24 zero bytes)
+    config = cfg.parse(text, {"APIINONE_API_KEY": "aio_example", "RESEARCH_WEBHOOK_SECRET": secret})
     assert config.upstream.api_key == "aio_example"
     assert config.teams["research"].budget == cfg.Budget(50000, "month")
     raw = yaml.safe_load(text)

@@ -17,9 +17,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..quota import Quota, QuotaState
+
+if TYPE_CHECKING:
+    from .hooks import Claimed, Hook, Update
 
 
 class StoreError(Exception):
@@ -245,3 +248,11 @@ class Store(Protocol):
         """Take the lock `name` for `ttl_ms`, or extend it if `owner` holds it already."""
     async def audit(self, entry: bytes, max_entries: int) -> None: ...
     async def audit_log(self, *, after: str = "-", limit: int = 100) -> list[LedgerEntry]: ...
+
+    # task webhooks (store/hooks.py)
+    async def hook_watch(self, hook: Hook, delay_ms: int) -> bool: ...
+    async def hook_claim(self, owner: str, lease_ms: int, limit: int) -> list[Claimed]: ...
+    async def hook_update(self, hook: Hook, update: Update) -> bool: ...
+    async def hook_redeliver(self, hook_id: str) -> bool: ...
+    async def hooks_failed(self, *, after: tuple[int, str] | None = None,
+                           limit: int = 100) -> list[Hook]: ...

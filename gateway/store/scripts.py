@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from . import payload
+from . import hooks, payload
 from .base import (
     FORGET_PROCESS_MS,
     Admission,
@@ -32,7 +32,7 @@ from .base import (
 from .keys import Keys
 
 SCRIPTS = ("admit", "finish", "cancel", "pace", "flight", "lookup", "store_entry", "processes",
-           "lock", "command", "now")
+           "lock", "command", "now", *hooks.SCRIPTS)
 
 Call = tuple[str, Sequence[str], payload.Args]
 
@@ -243,6 +243,40 @@ class ScriptStore:
         held = await self.engine.run("lock", [self.keys.org(name)],
                                      [orjson.dumps({"owner": owner, "ttl_ms": ttl_ms})])
         return bool(held)
+
+    # -- task webhooks (store/hooks.py) ----------------------------------------------------------
+
+    def _hook_keys(self) -> list[str]:
+        org = self.keys.org
+        return [org("hooks"), org("hooks:due"), org("hooks:body"), org("hooks:failed")]
+
+    async def hook_watch(self, hook: hooks.Hook, delay_ms: int) -> bool:
+        """Watch a task for its webhook, first polled after `delay_ms`; False if already so."""
+        return bool(await self.engine.run("hook_watch", self._hook_keys()[:2],
+                                          hooks.watch(hook, delay_ms)))
+
+    async def hook_claim(self, owner: str, lease_ms: int, limit: int) -> list[hooks.Claimed]:
+        """Up to `limit` hooks whose time has come, each leased to `owner` for `lease_ms`."""
+        return hooks.parse_claimed(await self.engine.run(
+            "hook_claim", self._hook_keys()[:3], hooks.claim(owner, lease_ms, limit)))
+
+    async def hook_update(self, hook: hooks.Hook, update: hooks.Update) -> bool:
+        """Move a claimed hook on; False when its lease was taken over meanwhile (nothing
+        changed)."""
+        return bool(await self.engine.run("hook_update", self._hook_keys(),
+                                          hooks.update(hook, update)))
+
+    async def hook_redeliver(self, hook_id: str) -> bool:
+        """A failed hook, due again at once; False when no failed hook has that id."""
+        return bool(await self.engine.run("hook_redeliver", self._hook_keys(),
+                                          hooks.redeliver(hook_id)))
+
+    async def hooks_failed(self, *, after: tuple[int, str] | None = None,
+                           limit: int = 100) -> list[hooks.Hook]:
+        """Failed hooks, oldest first, after (failed ms, id) of the previous page's last."""
+        keys = self._hook_keys()
+        raw = await self.engine.run("hook_failed", [keys[3], keys[0]], hooks.failed(after, limit))
+        return [hooks.parse_hook(record) for record in raw]
 
 
 def _field(fields: Sequence[bytes], name: bytes) -> bytes:

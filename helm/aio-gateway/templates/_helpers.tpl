@@ -110,6 +110,24 @@ store, an upstream key or a metrics token in the config itself, no upstream key 
 {{- if hasKey (get (.Values.config | default dict) "metrics" | default dict) "bearer_token" }}
 {{- fail "config.metrics.bearer_token must not be set: give the token in metrics.bearerToken or metrics.existingSecret (the chart renders ${METRICS_TOKEN})" }}
 {{- end }}
+{{- if and .Values.webhooks.secrets .Values.webhooks.existingSecret }}
+{{- fail "set webhooks.secrets (the chart creates a Secret) or webhooks.existingSecret, not both" }}
+{{- end }}
+{{- range $name, $_ := .Values.webhooks.secrets }}
+{{- if not (regexMatch "^[A-Za-z_][A-Za-z0-9_]*$" $name) }}
+{{- fail (printf "webhooks.secrets.%s: the key becomes an environment variable: letters, digits and _" $name) }}
+{{- end }}
+{{- end }}
+{{- range $team, $settings := (.Values.config.teams | default dict) }}
+{{- with (get ($settings | default dict) "callbacks") }}
+{{- $secrets := values (get . "secrets" | default dict) }}
+{{- range (prepend $secrets (get . "secret" | default "")) }}
+{{- if hasPrefix "whsec_" (toString .) }}
+{{- fail (printf "config.teams.%s.callbacks: a signing secret must not be in the config (it lands in a ConfigMap): write ${VAR} and give the variable in webhooks.secrets or webhooks.existingSecret" $team) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if and (not .Values.upstream.apiKey) (not .Values.upstream.existingSecret) }}
 {{- fail "set upstream.apiKey (the chart creates a Secret) or upstream.existingSecret (a Secret you manage)" }}
 {{- end }}
@@ -205,4 +223,21 @@ the gateway and the ledger migration Job.
 {{/* "true" when the ledger of record (PostgreSQL) is on. */}}
 {{- define "aio-gateway.ledgerEnabled" -}}
 {{- if or .Values.ledger.url .Values.ledger.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/* The Secret whose keys become environment variables (task webhook secrets); empty if none. */}}
+{{- define "aio-gateway.webhooksSecretName" -}}
+{{- if .Values.webhooks.existingSecret }}
+{{- .Values.webhooks.existingSecret }}
+{{- else if .Values.webhooks.secrets }}
+{{- include "aio-gateway.fullname" . }}-webhooks
+{{- end }}
+{{- end }}
+
+{{/* The container's envFrom: the webhook secrets, shared by the gateway and the ledger Job. */}}
+{{- define "aio-gateway.envFrom" -}}
+{{- with include "aio-gateway.webhooksSecretName" . }}
+- secretRef:
+    name: {{ . }}
+{{- end }}
 {{- end }}
