@@ -141,8 +141,8 @@ def create_app_from_env() -> Gateway:
     path = os.environ[CONFIG_ENV]
     config = cfg.load(path)
     logs.configure(config.logging.level,
-                   secrets=[config.upstream.api_key, config.metrics.bearer_token or "",
-                            *url_secrets(config.ledger.url)])
+                   secrets=[*(a.api_key for a in cfg.accounts_of(config.upstream)),
+                            config.metrics.bearer_token or "", *url_secrets(config.ledger.url)])
     return create_app(config, config_path=path)
 
 
@@ -177,6 +177,10 @@ async def metrics(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     _authorize_scrape(request, runtime.policy.config.metrics.bearer_token)
     await refresh_budget_gauges(runtime)
+    try:
+        await runtime.health.refresh()
+    except StoreError:
+        runtime.metrics.store_errors.labels("accounts").inc()
     for within, seconds in EXPIRY_WINDOWS.items():
         keys = runtime.policy.auth.expiring(runtime.clock(), seconds)
         runtime.metrics.keys_expiring.labels(within).set(len(keys))

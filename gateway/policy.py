@@ -6,12 +6,13 @@ import math
 from dataclasses import dataclass
 
 from . import quota as quotas
+from .accounts import Accounts, compile_accounts
 from .attribution import TagRules
 from .auth import Authenticator
 from .budget import to_milli
 from .config import Budget, Config
 from .settlement import CacheRules
-from .store.base import LedgerTrim, Pace
+from .store.base import LedgerTrim, SlotAsk
 
 MARGIN_S = 5.0  # a lock outlives its holder's deadline by this much
 
@@ -24,10 +25,12 @@ class TeamPolicy:
     budget_limit: int | None  # millicredits
     models: frozenset[str] | None
     policy_header: bytes | None  # RateLimit-Policy
+    slot: SlotAsk | None  # what its requests ask for an upstream slot (None: nothing to take)
+    upstream_per_minute: int | None  # what the accounts it may use allow (None: unpaced)
 
 
 class Policy:
-    """The compiled config: identities, per-team limits, tag rules, pricing and pacing.
+    """The compiled config: identities, per-team limits, tag rules, pricing, upstream accounts.
 
     `previous` is the policy this one replaces on a reload: what it fetched (the IdP's keys) is
     kept when the settings it came from did not change."""
@@ -39,6 +42,8 @@ class Policy:
             config, previous=previous.auth if previous is not None else None)
         self.tags = TagRules(config.attribution)
         self.key_owner: dict[str, str] = {}
+        upstream = config.upstream
+        self.accounts: Accounts = compile_accounts(upstream, config.teams)
         for name, team in config.teams.items():
             windows = []
             if team.requests_per_minute is not None:
@@ -52,18 +57,11 @@ class Policy:
                 budget_limit=to_milli(team.budget.credits) if team.budget else None,
                 models=frozenset(team.models) if team.models is not None else None,
                 policy_header=quotas.policy_header(tuple(windows)).encode() if windows else None,
+                slot=self.accounts.ask(name, team, upstream.queue_timeout_s),
+                upstream_per_minute=self.accounts.per_minute(name),
             )
             for key in team.keys:
                 self.key_owner[key.id] = name
-        upstream = config.upstream
-        rpm = upstream.requests_per_minute
-        # GCRA with burst B and one slot per 60/(R-B+1) s never lets more than R through in any
-        # 60 s window, so the upstream's own per-minute limit is never hit.
-        self.pace = None if rpm is None else Pace(
-            interval_ms=60000.0 / (rpm - upstream.burst + 1),
-            burst=upstream.burst,
-            queue_ms=upstream.queue_timeout_s * 1000.0,
-        )
         # The whole upstream call (the wait for a slot, every attempt, reading the body) ends
         # by its deadline, and the locks it holds (flight, idempotency, reservation) outlive it.
         self.deadline_s = upstream.queue_timeout_s + upstream.timeout_s

@@ -145,7 +145,7 @@ def parse(policy: Policy, team: TeamPolicy, key_id: str, *, request_id: str, met
         cache=cache if lookup else None,
         reservation=reservation,
         budget_limit=team.budget_limit,
-        pace=policy.pace,
+        slot=team.slot,
         hit_event=context if lookup and method == "POST" else None,
         ledger=policy.ledger_trim(now),
     )
