@@ -58,6 +58,7 @@ def ratelimit_headers(per_minute: int | None, wait_s: float) -> list[tuple[bytes
 class _Waiter:
     future: asyncio.Future[Claim]
     wake: float  # loop time at which to ask the store again
+    deadline: float  # loop time at which it stops waiting
 
 
 class Waiters:
@@ -76,17 +77,21 @@ class Waiters:
 
     async def wait(self, ticket: str, expect_s: float, timeout_s: float) -> Claim:
         """The slot granted to `ticket` (queued by the store, its turn expected in `expect_s`),
-        or, after `timeout_s`, a Claim without one: the ticket has left the queue then, unless
-        its slot came at the last moment."""
+        or a Claim without one, with the wait it still had: once `timeout_s` has passed, or as
+        soon as the store expects its turn later than that. The ticket has left the queue then
+        (unless its slot came at the last moment: then it is taken)."""
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop.create_future(), loop.time() + _poll(expect_s))
+        now = loop.time()
+        waiter = _Waiter(loop.create_future(), now + _poll(expect_s), now + timeout_s)
         self._waiting[ticket] = waiter
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run())
         self._kick.set()
         try:
             async with asyncio.timeout(timeout_s):
-                return await asyncio.shield(waiter.future)
+                claim = await asyncio.shield(waiter.future)
+            if claim.account is not None or claim.gone:
+                return claim
         except TimeoutError:
             pass
         except BaseException:  # cancelled: give the place up, in the background
@@ -134,8 +139,8 @@ class Waiters:
                 found = self._waiting.get(ticket)
                 if found is None:
                     continue
-                if claim.account is not None or claim.gone:
-                    del self._waiting[ticket]
+                if claim.account is not None or claim.gone or now + claim.wait_s > found.deadline:
+                    del self._waiting[ticket]  # granted, gone, or its turn comes too late
                     if not found.future.done():
                         found.future.set_result(claim)
                 else:
@@ -199,8 +204,8 @@ class Passage:
                 self._req.admission.ticket, expect_s, max(left, 0.0))
         finally:
             gauge.dec()
-        if claim.account is None:
-            raise busy(claim.wait_s)
+        if claim.account is None:  # a retry would wait this long, less what it may wait
+            raise busy(max(claim.wait_s - ask.queue_ms / 1000.0, 0.0))
         self.probe = claim.probe
         return claim.account
 

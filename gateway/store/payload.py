@@ -112,7 +112,7 @@ def parse_claims(raw: list[Any]) -> list[Claim]:
         if state == 1:
             out.append(Claim(account=_text(account), probe=bool(probe)))
         else:
-            out.append(Claim(wait_s=wait_ms / 1000.0, gone=state == 2))
+            out.append(Claim(wait_s=max(wait_ms, 0) / 1000.0, gone=state == 2))
     return out
 
 

@@ -38,6 +38,8 @@ from .keys import Keys
 SCRIPTS = ("admit", "finish", "cancel", "pace", "slot", "claim", "accounts", "flight", "lookup",
            "store_entry", "processes", "lock", "command", "now")
 
+SLOT_KEYS = ("sched", "queue", "due", "waiters", "minq")  # lib_slots.lua's S
+
 Call = tuple[str, Sequence[str], payload.Args]
 
 
@@ -92,8 +94,7 @@ class ScriptStore:
 
     def _admit_keys(self, a: Admission) -> list[str]:
         k, team = self.keys, a.team
-        slots = self._slot_keys() if a.slot else [k.team(team, name) for name in
-                                                  ("sched", "queue", "due", "waiters")]
+        slots = self._slot_keys() if a.slot else [k.team(team, name) for name in SLOT_KEYS]
         entry_key, flight_key = k.cache(team, a.cache) if a.cache else ("", "")
         return [
             k.team(team, "revoked"),
@@ -149,8 +150,8 @@ class ScriptStore:
     # -- upstream slots ----------------------------------------------------------------------
 
     def _slot_keys(self) -> list[str]:
-        """The upstream schedule, queue, deadlines and waiters (lib_slots.lua), in `{org}`."""
-        return [self.keys.org(name) for name in ("sched", "queue", "due", "waiters")]
+        """The upstream schedule and the queue in front of it (lib_slots.lua), in `{org}`."""
+        return [self.keys.org(name) for name in SLOT_KEYS]
 
     async def slot(self, team: str, ticket: str, ask: SlotAsk, *,
                    task_account: str | None = None) -> Slot:

@@ -5,7 +5,7 @@
 -- KEYS  1 revoked set   2 quota hash    3 idempotency hash   4 task owner   5 cache entry
 --       6 flight lock   7 budget hash   8 reservations hash  9 upstream schedule (lib_slots)
 --      10 tombstone of this ticket (see cancel.lua)             11 ledger stream
---      12 slot queue   13 slot deadlines   14 slot waiters
+--      12 slot queue   13 slot deadlines   14 slot waiters   15 slot minimums queue
 -- ARGV  1 payload   2 a hit already found in another hash slot ('' = none; Redis Cluster)
 -- payload: ticket, key (key id), hold_ms, count (count it against the quotas),
 --   quotas [[field, limit, period ms], ...], idem {fp, ttl_ms}, task (the team must own KEYS[4]),
@@ -171,7 +171,8 @@ end
 
 local slot, verdict, delay = nil, ADMIT, 0
 if p.slot then
-  local S = {sched = KEYS[9], queue = KEYS[12], due = KEYS[13], waiters = KEYS[14]}
+  local S = {sched = KEYS[9], queue = KEYS[12], due = KEYS[13], waiters = KEYS[14],
+             minq = KEYS[15]}
   slot = decide_slot(S, ticket, p.team, p.slot, task_account or nil)
   if slot.verdict ~= SLOT_ADMIT and slot.verdict ~= SLOT_QUEUED then
     count()

@@ -8,6 +8,7 @@
 --                   f:<team>     the team's last finish tag;  n:<team>  its requests waiting
 --                   m:<team>     the team's reserved minimum (GCRA, one slot per min interval)
 --   queue (zset)    waiting tickets scored by start tag;  due (zset)  tickets by deadline
+--   minq (zset)     "team|ticket" of the waiting requests of teams with a reserved minimum
 --   waiters (hash)  ticket -> "w|team|start|finish|min interval|account,..." while waiting,
 --                   "g|account|probe" once granted (until its waiter claims it)
 --
@@ -122,6 +123,7 @@ end
 -- team's last finish tag goes back when this was its last request.
 local function unqueue(S, ticket, w)
   redis.call('ZREM', S.queue, ticket)
+  redis.call('ZREM', S.minq, w.team .. '|' .. ticket)
   redis.call('ZREM', S.due, ticket)
   redis.call('HDEL', S.waiters, ticket)
   waiting_less(S.sched, w.team)
@@ -150,7 +152,46 @@ local function take_slot(sched, a, team, s, min_iv, in_order)
   end
 end
 
--- Forget expired places, then give every free slot to the waiting request whose turn it is.
+-- The head of the queue of a team below its reserved minimum that an account can serve now.
+local function below_minimum(S, byid)
+  local seen = {}
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', S.minq, '-inf', '+inf')) do
+    local team, ticket = string.match(member, '^([^|]*)|(.*)$')
+    if not seen[team] then  -- a team's first is its head
+      seen[team] = true
+      if min_ready(S.sched, team) then
+        local w = parse_waiter(redis.call('HGET', S.waiters, ticket))
+        if w then
+          local cands, probe = candidates(byid, w.ids)
+          local a = pick(cands)
+          if a then return {ticket = ticket, w = w, a = a, probe = probe} end
+        end
+      end
+    end
+  end
+  return nil
+end
+
+-- The first waiting request, by start tag, that an account can serve now.
+local function next_in_order(S, byid)
+  local heads = redis.call('ZRANGEBYSCORE', S.queue, '-inf', '+inf', 'LIMIT', 0, SCAN)
+  if #heads == 0 then return nil end
+  local records = redis.call('HMGET', S.waiters, unpack(heads))
+  for i, ticket in ipairs(heads) do
+    local w = parse_waiter(records[i])
+    if not w then
+      redis.call('ZREM', S.queue, ticket)
+    else
+      local cands, probe = candidates(byid, w.ids)
+      local a = pick(cands)
+      if a then return {ticket = ticket, w = w, a = a, probe = probe} end
+    end
+  end
+  return nil
+end
+
+-- Forget expired places, then give every free slot to the waiting request whose turn it is:
+-- a team below its reserved minimum first, then by start tag.
 local function advance(S, byid, order)
   for _, ticket in ipairs(redis.call('ZRANGEBYSCORE', S.due, '-inf', now)) do
     local w = parse_waiter(redis.call('HGET', S.waiters, ticket))
@@ -167,33 +208,14 @@ local function advance(S, byid, order)
       if free_at(a) <= now then any = true break end
     end
     if not any then return end
-    local heads = redis.call('ZRANGEBYSCORE', S.queue, '-inf', '+inf', 'LIMIT', 0, SCAN)
-    if #heads == 0 then return end
-    local records = redis.call('HMGET', S.waiters, unpack(heads))
-    local chosen, first = nil, nil
-    for i, ticket in ipairs(heads) do
-      local w = parse_waiter(records[i])
-      if not w then
-        redis.call('ZREM', S.queue, ticket)
-      else
-        local cands, probe = candidates(byid, w.ids)
-        local a = pick(cands)
-        if a then
-          local pick_ = {ticket = ticket, w = w, a = a, probe = probe}
-          if w.min_iv > 0 and min_ready(S.sched, w.team) then
-            chosen = pick_
-            break
-          end
-          first = first or pick_
-        end
-      end
-    end
+    local chosen = below_minimum(S, byid)
     local in_order = chosen == nil
-    chosen = chosen or first
+    chosen = chosen or next_in_order(S, byid)
     if not chosen then return end
     local w = chosen.w
     take_slot(S.sched, chosen.a, w.team, w.s, w.min_iv, in_order)
     redis.call('ZREM', S.queue, chosen.ticket)
+    redis.call('ZREM', S.minq, w.team .. '|' .. chosen.ticket)
     redis.call('HSET', S.waiters, chosen.ticket,
                'g|' .. chosen.a.id .. '|' .. (chosen.probe and '1' or '0'))
     redis.call('ZADD', S.due, now + KEEP_GRANT_MS, chosen.ticket)
@@ -267,5 +289,8 @@ local function place_slot(S, d)
     redis.call('HSET', S.waiters, d.ticket, string.format('w|%s|%s|%s|%s|%s', d.team, num(d.s),
                num(d.f), num(ask.min_interval_ms), table.concat(d.ids, ',')))
     redis.call('HINCRBY', S.sched, 'n:' .. d.team, 1)
+    if ask.min_interval_ms > 0 then
+      redis.call('ZADD', S.minq, num(d.s), d.team .. '|' .. d.ticket)
+    end
   end
 end
