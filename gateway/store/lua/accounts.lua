@@ -25,13 +25,7 @@ for _, a in ipairs(p.accounts) do
   if down < 0 then down = 0 end
   local free = false
   if a[4] > 0 then
-    local debt = 0
-    if held[2] then
-      local d, at = string.match(held[2], '^([^|]+)|(.+)$')
-      debt = tonumber(d) - (now - tonumber(at)) * a[4] / 60000
-      if debt < 0 then debt = 0 end
-    end
-    free = math.max(0, math.floor(a[4] - debt + 1e-9))
+    free = math.max(0, math.floor(a[4] - used_last_minute(held[2]) + 1e-9))
   end
   local left = false
   if a[5] >= 0 then

@@ -2,7 +2,8 @@
 -- script after lib.lua). Organisation-wide state, in the `{org}` hash slot:
 --   sched (hash)    a:<id>:tat   the account's GCRA theoretical arrival time (ms)
 --                   a:<id>:down  ms until which it is out of rotation (it refused its key)
---                   a:<id>:used  "debt|at": slots used in the last minute, draining at its limit
+--                   a:<id>:used  "minute|count|count the minute before": slots granted, to
+--                                estimate those of the last 60 s (a sliding window)
 --                   a:<id>:bal, a:<id>:spent  the balance to watch, and what was spent since
 --                   v            the virtual clock: start tag of the last slot granted in order
 --                   f:<team>     the team's last finish tag;  n:<team>  its requests waiting
@@ -57,25 +58,36 @@ local function free_at(a)
   return at
 end
 
--- Take the account's next slot; counts it in the slots-used meter.
+-- Slots an account granted in the last 60 s, from its "minute|count|count before" (the
+-- minute before weighted by how much of it is still inside the window).
+local function used_last_minute(held)
+  local minute, count, before = string.match(held or '', '^(%d+)|(%d+)|(%d+)$')
+  if not minute then return 0 end
+  local current = math.floor(now / 60000)
+  local gone = (now % 60000) / 60000  -- of the minute before, this much is out of the window
+  minute, count, before = tonumber(minute), tonumber(count), tonumber(before)
+  if minute == current then return count + before * (1 - gone) end
+  if minute == current - 1 then return count * (1 - gone) end
+  return 0
+end
+
+-- Take the account's next slot, and count it.
 local function book(sched, a)
   local tat = a.tat
   if tat < now then tat = now end
   a.tat = tat + a.interval
   local base = 'a:' .. a.id
-  local fields = {base .. ':tat', num(a.tat)}
-  if a.per_minute > 0 then
-    local debt = 0
-    local held = redis.call('HGET', sched, base .. ':used')
-    if held then
-      local d, at = string.match(held, '^([^|]+)|(.+)$')
-      debt = tonumber(d) - (now - tonumber(at)) * a.per_minute / 60000
-      if debt < 0 then debt = 0 end
-    end
-    fields[#fields + 1] = base .. ':used'
-    fields[#fields + 1] = string.format('%.6f|%d', debt + 1, now)
+  local current = math.floor(now / 60000)
+  local count, before = 1, 0
+  local minute, held, held_before = string.match(
+    redis.call('HGET', sched, base .. ':used') or '', '^(%d+)|(%d+)|(%d+)$')
+  if tonumber(minute) == current then
+    count, before = tonumber(held) + 1, tonumber(held_before)
+  elseif tonumber(minute) == current - 1 then
+    before = tonumber(held)
   end
-  redis.call('HSET', sched, unpack(fields))
+  redis.call('HSET', sched, base .. ':tat', num(a.tat),
+             base .. ':used', string.format('%d|%d|%d', current, count, before))
 end
 
 -- The accounts a request may use: those in rotation; when none is, all of them (a probe: the
