@@ -113,7 +113,7 @@ class Health:
         `flush`)."""
         if millicredits > 0:
             self._spent[account] = self._spent.get(account, 0) + millicredits
-            self._metrics.upstream_account_credits.labels(account).inc(from_milli(millicredits))
+            self._metrics.upstream_account_spent.labels(account).inc(from_milli(millicredits))
 
     async def flush(self) -> None:
         """Count the credits spent since the last flush against the balances (with the
@@ -139,7 +139,8 @@ class Health:
                 m.upstream_account_limit.labels(pace.id).set(pace.per_minute)
             if state.slots_free is not None:
                 m.upstream_account_slots_free.labels(pace.id).set(state.slots_free)
-            if state.credits_left is not None:
-                m.upstream_account_credits_left.labels(pace.id).set(
+            if pace.credits is not None and state.credits_left is not None:
+                m.upstream_account_balance.labels(pace.id).set(from_milli(pace.credits))
+                m.upstream_account_balance_left.labels(pace.id).set(
                     from_milli(state.credits_left))
 

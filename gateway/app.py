@@ -181,6 +181,8 @@ async def metrics(request: Request) -> Response:
         await runtime.health.refresh()
     except StoreError:
         runtime.metrics.store_errors.labels("accounts").inc()
+    for team in runtime.policy.teams:  # 0 rather than no series for a team that never waited
+        runtime.metrics.upstream_waiting.labels(team)
     for within, seconds in EXPIRY_WINDOWS.items():
         keys = runtime.policy.auth.expiring(runtime.clock(), seconds)
         runtime.metrics.keys_expiring.labels(within).set(len(keys))

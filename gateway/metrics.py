@@ -143,13 +143,17 @@ class Metrics:
             "gateway_upstream_account_limit",
             "The account's requests_per_minute (from the config).",
             ["account"], multiprocess_mode="mostrecent", registry=registry))
-        self.upstream_account_credits = Labelled(Counter(
-            "gateway_upstream_account_credits_total",
+        self.upstream_account_spent = Labelled(Counter(
+            "gateway_upstream_account_spent_total",
             "Credits charged for answers that came through each upstream account.",
             ["account"], registry=registry))
-        self.upstream_account_credits_left = Labelled(Gauge(
-            "gateway_upstream_account_credits_remaining",
-            "What is left of the account's balance to watch (`credits`), by the gateway's count.",
+        self.upstream_account_balance = Labelled(Gauge(
+            "gateway_upstream_account_balance",
+            "The account's balance to watch (its `credits` in the config).",
+            ["account"], multiprocess_mode="mostrecent", registry=registry))
+        self.upstream_account_balance_left = Labelled(Gauge(
+            "gateway_upstream_account_balance_remaining",
+            "What is left of the account's balance to watch, by the gateway's count (store).",
             ["account"], multiprocess_mode="mostrecent", registry=registry))
 
         # the ledger shipper (gateway/ledger/): only the replica holding its lock reports a backlog

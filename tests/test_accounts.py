@@ -197,8 +197,9 @@ def test_credits_spent_through_an_account_count_down_its_balance(
     runtime = gateway.runtime
     asyncio.run_coroutine_threadsafe(runtime.health.flush(), runtime.loop).result(10)
     text = gateway.metrics()
-    assert metric(text, "gateway_upstream_account_credits_remaining", account="a") == 993
-    assert metric(text, "gateway_upstream_account_credits_total", account="a") == 7
+    assert metric(text, "gateway_upstream_account_balance_remaining", account="a") == 993
+    assert metric(text, "gateway_upstream_account_balance", account="a") == 1000
+    assert metric(text, "gateway_upstream_account_spent_total", account="a") == 7
 
 
 # -- waiting for a slot --------------------------------------------------------------------------
