@@ -3,9 +3,10 @@
 The store decides whose turn it is (`lua/lib_slots.lua`: start-time fair queuing between teams,
 across every replica); this module is the waiting side. A request that `admit` let through with
 a free slot goes at once. One that was queued waits for the store to grant it a slot: each
-process has one `Waiters` loop that asks the store about all of its waiting requests in one
-call, when the soonest of them expects its turn (the store's estimate), and at least every
-`MAX_POLL_S`. A slot the store granted while nobody asked is found at the next call.
+process has one `Waiters` loop that asks the store, in one call, about those of its waiting
+requests whose turn is expected (the store's estimate), and about the others now and then: a
+turn can come sooner than expected when requests ahead leave. Slots are granted when they come
+free, by whichever call runs then; the request they went to finds out at its next ask.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway")
 MIN_POLL_S = 0.005  # never ask again sooner than this
-MAX_POLL_S = 0.5  # nor later: a waiting request finds a slot granted meanwhile this soon
+MAX_POLL_S = 0.5  # a turn expected later: asked about again after half the wait, or this
+TOGETHER_S = 0.005  # requests whose turn is expected this close together are asked about at once
 STORE_RETRY_S = 0.1  # after a failed call
 _BUSY = {
     "pace": "The organisation's upstream allowance is spent; retry shortly.",
@@ -82,7 +84,7 @@ class Waiters:
         (unless its slot came at the last moment: then it is taken)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        waiter = _Waiter(loop.create_future(), now + _poll(expect_s), now + timeout_s)
+        waiter = _Waiter(loop.create_future(), now + next_ask(expect_s), now + timeout_s)
         self._waiting[ticket] = waiter
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run())
@@ -120,7 +122,8 @@ class Waiters:
                     async with asyncio.timeout_at(due):
                         await self._kick.wait()
                 continue
-            tickets = list(self._waiting)
+            soon = loop.time() + TOGETHER_S
+            tickets = [t for t, w in self._waiting.items() if w.wake <= soon]
             try:
                 claims = await self._store.claim(tickets, self._accounts())
             except StoreError:
@@ -144,11 +147,14 @@ class Waiters:
                     if not found.future.done():
                         found.future.set_result(claim)
                 else:
-                    found.wake = now + _poll(claim.wait_s)
+                    found.wake = now + next_ask(claim.wait_s)
 
 
-def _poll(expect_s: float) -> float:
-    return min(max(expect_s, MIN_POLL_S), MAX_POLL_S)
+def next_ask(expect_s: float) -> float:
+    """When to ask again about a request whose turn the store expects in `expect_s`."""
+    if expect_s <= MAX_POLL_S:
+        return max(expect_s, MIN_POLL_S)
+    return max(expect_s / 2, MAX_POLL_S)
 
 
 class Passage:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from gateway.fairness import MAX_POLL_S
+from gateway.fairness import next_ask
 from gateway.store import Store, open_store
 from gateway.store.base import AccountPace, Admission, Completion, SlotAsk, Verdict
 
@@ -80,14 +80,14 @@ class Sim:
             self.grants.append(Grant(ticket, team, result.account, at, at))
         elif result.verdict is Verdict.QUEUED:
             self.waiting[ticket] = (team, at)
-            self.wake[ticket] = at + min(result.wait_s, MAX_POLL_S)
+            self.wake[ticket] = at + next_ask(result.wait_s)
         else:
             self.refused[result.verdict] += 1
         return result.verdict
 
     async def tick(self) -> None:
-        """Waiting requests whose turn is expected ask where they stand, as the gateway's
-        waiters do (when the store expects their turn, and at least every MAX_POLL_S)."""
+        """Waiting requests whose turn is expected ask where they stand, when the gateway's
+        waiters would (`fairness.next_ask`)."""
         now = await self.elapsed()
         tickets = [t for t in self.waiting if self.poll_all or self.wake[t] <= now + 1e-9]
         claims = await self.store.claim(tickets, self.accounts)
@@ -99,7 +99,7 @@ class Sim:
                 self.grants.append(Grant(ticket, team, claim.account, at, asked))
             else:
                 assert not claim.gone, ticket
-                self.wake[ticket] = at + min(claim.wait_s, MAX_POLL_S)
+                self.wake[ticket] = at + next_ask(claim.wait_s)
 
     async def step(self, seconds: float) -> None:
         if self.clock is not None:
@@ -158,7 +158,7 @@ def test_queued_requests_spread_over_both_accounts_within_their_limits(store_url
     async def body(store: Store, clock: Clock | None) -> None:
         per_minute = 6 if clock is not None else 1200  # Redis: its own clock, short intervals
         accounts = (account("a", per_minute), account("b", per_minute))
-        sim = Sim(store, clock, accounts)
+        sim = Sim(store, clock, accounts, poll_all=True)  # grants seen when they are made
         await sim.start()
         for _ in range(20):
             assert await sim.send("t", ask(accounts)) in (Verdict.ADMIT, Verdict.QUEUED)
@@ -307,6 +307,7 @@ def test_backlogged_teams_split_the_slots_by_weight(store_url: str, weights: tup
         accounts = (account("main", round(60 / slot_s)),)
         sim = Sim(store, clock, accounts)
         await sim.start()
+        sim.poll_all = True  # grants seen in the order they are made
         asks = {"A": ask(accounts, weight=weights[0]), "C": ask(accounts, weight=weights[1])}
         for _ in range(50):  # both floods arrive together
             for team in ("A", "C"):

@@ -19,7 +19,7 @@ for i, ticket in ipairs(p.tickets) do
   elseif w then
     local cands = candidates(byid, w.ids)
     local _, soonest = pick(cands)
-    local wait = math.ceil(estimate(S, w.s, cands, soonest))
+    local wait = math.ceil(estimate(S, w.s, cands, soonest, w.team, w.min_iv))
     if p.leave then
       unqueue(S, ticket, w)
       out[i] = {2, false, wait, 0}

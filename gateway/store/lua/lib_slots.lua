@@ -235,9 +235,10 @@ local function advance(S, byid, order)
   end
 end
 
--- How long a request with start tag `s` should wait: the soonest slot of its accounts, then
--- one slot for each request ahead of it, at the rate its accounts give together.
-local function estimate(S, s, cands, soonest)
+-- How long a request of `team` with start tag `s` should wait: the soonest slot of its
+-- accounts, then one slot for each request ahead of it, at the rate its accounts give
+-- together; for a team with a reserved minimum, no longer than its minimum serves it.
+local function estimate(S, s, cands, soonest, team, min_iv)
   local ahead = redis.call('ZCOUNT', S.queue, '-inf', '(' .. num(s))
   local rate = 0
   for _, a in ipairs(cands) do
@@ -245,6 +246,12 @@ local function estimate(S, s, cands, soonest)
   end
   local wait = soonest - now
   if rate > 0 then wait = wait + ahead / rate end
+  if min_iv > 0 then
+    local ready = (tonumber(redis.call('HGET', S.sched, 'm:' .. team)) or 0) - now
+    local by_minimum = math.max(ready, soonest - now)
+                       + redis.call('ZCOUNT', S.minq, '-inf', '(' .. num(s)) * min_iv
+    if by_minimum < wait then wait = by_minimum end
+  end
   return wait
 end
 
@@ -281,7 +288,7 @@ local function decide_slot(S, ticket, team, ask, task_account)
     d.verdict, d.wait = SLOT_FULL, soonest - now + min_iv
     return d
   end
-  d.wait = estimate(S, s, cands, soonest)
+  d.wait = estimate(S, s, cands, soonest, team, ask.min_interval_ms)
   if d.wait > ask.queue_ms then
     d.verdict, d.wait = SLOT_PACE, d.wait - ask.queue_ms
     return d
