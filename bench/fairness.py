@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Each team's share of a scarce upstream, and its wait for a slot, under a flood.
 
-    python3 bench/fairness.py [--duration 30] [--per-minute 600] [--replicas 2]
+    python3 bench/fairness.py [--duration 30] [--warmup 3] [--per-minute 600] [--replicas 2]
                               [--store redis|memory] [--out bench/FAIRNESS.md]
 
 Starts a private redis-server (with --store redis), `aio-gateway mock-upstream --fast` (it
@@ -11,11 +11,12 @@ for `--duration` seconds each, two scenarios, the load spread over the replicas:
 
   flood     team `flood` keeps 200 requests waiting (a new one as soon as one is answered);
             team `light` sends one request a second.
-  weights   teams `heavy3` (upstream_weight 3) and `heavy1` (weight 1) keep 100 waiting each.
+  weights   teams `heavy3` (upstream_weight 3) and `heavy1` (weight 1) keep 40 waiting each.
 
-For each team: requests answered, its share of the upstream slots, and its wait (the request's
-time through the gateway) at p50 and p99. Requests still waiting when the time is up are not
-counted. Needs redis-server for --store redis.
+For each team, over `--duration` seconds after a `--warmup` (the first requests meet 200
+connections opening at once): the requests answered, its share of the upstream slots (answers
+in that time), and its wait (the request's time through the gateway) at p50 and p99, of the
+requests both sent and answered in that time. Needs redis-server for --store redis.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ ROOT = BENCH.parent
 UPSTREAM_KEY = "aio_bench_fairness_upstream_key"
 SCENARIOS = {  # team -> (upstream_weight, requests kept waiting, or seconds between requests)
     "flood": {"flood": (1, 200, None), "light": (1, None, 1.0)},
-    "weights": {"heavy3": (3, 100, None), "heavy1": (1, 100, None)},
+    "weights": {"heavy3": (3, 40, None), "heavy1": (1, 40, None)},
 }
 
 
@@ -104,16 +105,18 @@ def config(upstream_port: int, store_url: str, per_minute: int, prefix: str) -> 
 @dataclass
 class Team:
     name: str
-    waits: list[float] = field(default_factory=list)  # seconds, of requests answered 200
-    refused: int = 0  # answered anything else
+    answered: int = 0  # 200s that came in the measured time
+    waits: list[float] = field(default_factory=list)  # of those also sent in it, seconds
+    refused: int = 0  # anything else that came in the measured time
 
 
 async def load(urls: list[str], scenario: dict[str, tuple[int, int | None, float | None]],
-               duration: float) -> dict[str, Team]:
+               duration: float, warmup: float) -> dict[str, Team]:
     teams = {name: Team(name) for name in scenario}
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
     turn = iter(range(10**9))
-    end = time.monotonic() + duration
+    begin = time.monotonic() + warmup
+    end = begin + duration
 
     async def one(client: httpx.AsyncClient, team: Team) -> None:
         n = next(turn)
@@ -122,12 +125,15 @@ async def load(urls: list[str], scenario: dict[str, tuple[int, int | None, float
             f"{urls[n % len(urls)]}/api/v1/chat/completions",
             headers={"Authorization": f"Bearer {key_of(team.name)}"},
             json={"model": "gemini", "messages": [{"role": "user", "content": f"{n}"}]})
-        if time.monotonic() > end:
-            return  # answered after the time was up: not counted
-        if answer.status_code == 200:
-            team.waits.append(time.monotonic() - started)
-        else:
+        now = time.monotonic()
+        if not begin <= now <= end:
+            return
+        if answer.status_code != 200:
             team.refused += 1
+            return
+        team.answered += 1
+        if started >= begin:
+            team.waits.append(now - started)
 
     async def keep_waiting(client: httpx.AsyncClient, team: Team) -> None:
         while time.monotonic() < end:
@@ -151,7 +157,7 @@ async def load(urls: list[str], scenario: dict[str, tuple[int, int | None, float
                 assert interval is not None
                 work.append(every(client, teams[name], interval))
         tasks = [asyncio.ensure_future(w) for w in work]
-        await asyncio.sleep(duration)
+        await asyncio.sleep(warmup + duration)
         await asyncio.sleep(0.5)  # the answers of the last moment
         for task in tasks:
             task.cancel()
@@ -168,15 +174,15 @@ def quantile(values: list[float], q: float) -> float:
 
 def table(scenario: dict[str, tuple[int, int | None, float | None]],
           teams: dict[str, Team], duration: float) -> str:
-    total = sum(len(t.waits) for t in teams.values()) or 1
+    total = sum(t.answered for t in teams.values()) or 1
     lines = ["| team | weight | load | answered | refused | share of slots | wait p50 | wait p99 |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, (weight, waiting, interval) in scenario.items():
         team = teams[name]
         what = f"{waiting} waiting" if waiting is not None else f"1 every {interval:g} s"
         lines.append(
-            f"| {name} | {weight} | {what} | {len(team.waits)} | {team.refused} | "
-            f"{len(team.waits) / total:.1%} | {quantile(team.waits, 0.5) * 1000:.0f} ms | "
+            f"| {name} | {weight} | {what} | {team.answered} | {team.refused} | "
+            f"{team.answered / total:.1%} | {quantile(team.waits, 0.5) * 1000:.0f} ms | "
             f"{quantile(team.waits, 0.99) * 1000:.0f} ms |")
     rate = total / duration
     return "\n".join(lines) + f"\n\n{total} slots in {duration:g} s ({rate:.1f}/s).\n"
@@ -185,6 +191,7 @@ def table(scenario: dict[str, tuple[int, int | None, float | None]],
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=30.0, help="seconds per scenario")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds not counted, first")
     p.add_argument("--per-minute", type=int, default=600, help="the account's limit")
     p.add_argument("--replicas", type=int, default=2, help="gateway processes (Redis only)")
     p.add_argument("--store", choices=["redis", "memory"], default="redis")
@@ -223,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                     urls.append(f"http://127.0.0.1:{port}")
                 for url in urls:
                     wait_http(f"{url}/healthz")
-                teams = asyncio.run(load(urls, scenario, args.duration))
+                teams = asyncio.run(load(urls, scenario, args.duration, args.warmup))
             sections.append(f"### {name}\n\n{table(scenario, teams, args.duration)}")
             print(sections[-1])
     report = (

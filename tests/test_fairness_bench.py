@@ -13,9 +13,10 @@ from .conftest import ROOT
 
 def test_fairness_bench_reports_each_teams_share_and_wait(tmp_path: Path) -> None:
     out = tmp_path / "fairness.md"
-    done = subprocess.run([sys.executable, "bench/fairness.py", "--duration", "1", "--store",
-                           "memory", "--out", str(out)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, check=False)
+    argv = [sys.executable, "bench/fairness.py", "--duration", "1", "--warmup", "0", "--store",
+            "memory", "--out", str(out)]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     report = out.read_text()
     for team in ("flood", "light", "heavy3", "heavy1"):
