@@ -168,8 +168,9 @@ def create_app_from_env() -> Gateway:
     path = os.environ[CONFIG_ENV]
     config = cfg.load(path)
     logs.configure(config.logging.level,
-                   secrets=[config.upstream.api_key, config.metrics.bearer_token or "",
-                            *url_secrets(config.ledger.url), *_webhook_secrets(config)])
+                   secrets=[*(a.api_key for a in cfg.accounts_of(config.upstream)),
+                            config.metrics.bearer_token or "", *url_secrets(config.ledger.url),
+                            *_webhook_secrets(config)])
     return create_app(config, config_path=path)
 
 
@@ -209,6 +210,12 @@ async def metrics(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     _authorize_scrape(request, runtime.policy.config.metrics.bearer_token)
     await refresh_budget_gauges(runtime)
+    try:
+        await runtime.health.refresh()
+    except StoreError:
+        runtime.metrics.store_errors.labels("accounts").inc()
+    for team in runtime.policy.teams:  # 0 rather than no series for a team that never waited
+        runtime.metrics.upstream_waiting.labels(team)
     for within, seconds in EXPIRY_WINDOWS.items():
         keys = runtime.policy.auth.expiring(runtime.clock(), seconds)
         runtime.metrics.keys_expiring.labels(within).set(len(keys))

@@ -70,9 +70,23 @@ class Listen:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamAccount:
+    """One apiin.one account: its key, its own request limit, and the teams it is kept for."""
+
+    id: str = field(metadata=_check(pattern=_NAME))
+    api_key: str = field(repr=False, metadata=_check(secret=True))
+    requests_per_minute: int | None = field(default=60, metadata=_check(minimum=1, maximum=MANY))
+    burst: int = field(default=1, metadata=_check(minimum=1, maximum=MANY))
+    credits: float | None = field(default=None, metadata=_check(minimum=0, maximum=1e12))
+    teams: tuple[str, ...] | None = None  # None: every team may use it
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     base_url: str = "https://apiin.one/api/v1"
     api_key: str = field(default="", repr=False, metadata=_check(secret=True))
+    accounts: tuple[UpstreamAccount, ...] = ()
+    account_down_s: float = field(default=300.0, metadata=_check(minimum=0, maximum=DAY_S))
     timeout_s: float = field(default=120.0, metadata=_check(above=0, maximum=DAY_S))
     stream_timeout_s: float = field(default=600.0, metadata=_check(above=0, maximum=DAY_S))
     connect_timeout_s: float = field(default=10.0, metadata=_check(above=0, maximum=DAY_S))
@@ -177,6 +191,9 @@ class Team:
     budget: Budget | None = None
     models: tuple[str, ...] | None = None
     callbacks: Callbacks | None = None
+    upstream_weight: float = field(default=1.0, metadata=_check(above=0, maximum=1000))
+    upstream_min_per_minute: int = field(default=0, metadata=_check(minimum=0, maximum=MANY))
+    max_waiting: int = field(default=50, metadata=_check(minimum=0, maximum=100_000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -543,13 +560,70 @@ def _validate(config: Config) -> None:
     problem = None if token is None else _token_problem(token, "token", MIN_TOKEN_CHARS)
     if problem is not None:
         raise ConfigError(f"metrics.bearer_token: {problem}")
-    problem = _api_key_problem(config.upstream.api_key)
-    if problem is not None:
-        raise ConfigError(f"upstream.api_key: {problem}")
+    _validate_accounts(config)
     if config.auth.jwt is not None:
         _validate_jwt(config.auth.jwt)
     _validate_attribution(config.attribution)
     _validate_webhooks(config)
+
+
+DEFAULT_ACCOUNT = "default"  # the account `upstream.api_key` stands for
+
+
+def accounts_of(upstream: Upstream) -> tuple[UpstreamAccount, ...]:
+    """The upstream accounts: `upstream.accounts`, or the one `upstream.api_key` names."""
+    if upstream.accounts:
+        return upstream.accounts
+    return (UpstreamAccount(DEFAULT_ACCOUNT, upstream.api_key, upstream.requests_per_minute,
+                            upstream.burst),)
+
+
+def _validate_accounts(config: Config) -> None:
+    """`upstream.api_key` (one account) or `upstream.accounts`; every team can reach one, and
+    the reserved minimums fit in what the accounts allow."""
+    upstream = config.upstream
+    if not upstream.accounts:
+        problem = _api_key_problem(upstream.api_key)
+        if problem is not None:
+            raise ConfigError(f"upstream.api_key: {problem}")
+    elif upstream.api_key:
+        raise ConfigError("upstream.api_key: give either api_key (one account) or accounts")
+    seen: dict[str, int] = {}
+    for i, account in enumerate(upstream.accounts):
+        where = f"upstream.accounts[{i}]"
+        if account.id in seen:
+            raise ConfigError(f"{where}.id: duplicate account id {account.id!r} "
+                              f"(also upstream.accounts[{seen[account.id]}])")
+        seen[account.id] = i
+        problem = _api_key_problem(account.api_key)
+        if problem is not None:
+            raise ConfigError(f"{where}.api_key: {problem}")
+        rpm = account.requests_per_minute
+        if rpm is not None and account.burst > rpm:
+            raise ConfigError(f"{where}.burst: must not exceed requests_per_minute")
+        for j, name in enumerate(account.teams or ()):
+            if name not in config.teams:
+                raise ConfigError(f"{where}.teams[{j}]: no team is named {name!r}")
+    keys = [a.api_key for a in upstream.accounts]
+    if len(set(keys)) != len(keys):
+        raise ConfigError("upstream.accounts: two accounts have the same key (not shown)")
+    accounts = accounts_of(upstream)
+    reserved = 0
+    for name, team in config.teams.items():
+        where = _join("teams", name)
+        usable = [a.requests_per_minute for a in accounts if a.teams is None or name in a.teams]
+        if not usable:
+            raise ConfigError(f"{where}: no upstream account may serve this team (each lists "
+                              "other teams)")
+        minimum = team.upstream_min_per_minute
+        if minimum and None not in usable and minimum > sum(r or 0 for r in usable):
+            raise ConfigError(f"{where}.upstream_min_per_minute: more than the accounts this "
+                              "team may use allow")
+        reserved += minimum
+    limits = [a.requests_per_minute for a in accounts]
+    if reserved and None not in limits and reserved > sum(r or 0 for r in limits):
+        raise ConfigError("teams: the upstream_min_per_minute of all teams add up to more than "
+                          "the upstream accounts allow")
 
 
 _VISIBLE = re.compile(r"[!-~]+")  # visible ASCII: no space, no control character

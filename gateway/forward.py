@@ -1,8 +1,9 @@
 """Forwarding: one upstream call within its deadline, or a stream relayed to the client.
 
-The deadline (`ParsedRequest.deadline_s`) covers the whole call: the wait for a pacing slot,
-every attempt and its backoff, and reading the body. It ends before the locks the request holds
-expire (`Policy.hold_ms`), so no second leader can start while the first is still running.
+The deadline (`ParsedRequest.deadline_s`) covers the whole call: the wait for an upstream slot
+(`fairness.Passage`), every attempt and its backoff, and reading the body. It ends before the
+locks the request holds expire (`Policy.hold_ms`), so no second leader can start while the
+first is still running.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 import httpx
 
 from .asgi import Headers, Message, Receive, Reply, head_length, wait_disconnect
-from .errors import RateLimited, UpstreamUnavailable
+from .errors import UpstreamUnavailable
+from .fairness import Passage, busy
 from .request import ParsedRequest
 from .runtime import Runtime
 from .settlement import End
@@ -31,11 +33,12 @@ TAIL_BYTES = 65536  # what a stream keeps of its end: the last events carry the 
 class Upstreamed:
     """What the upstream call did, for the access log and the metrics."""
 
-    __slots__ = ("seconds", "status")
+    __slots__ = ("account", "seconds", "status")
 
     def __init__(self) -> None:
         self.status: str | None = None  # the upstream's status, or `error`
         self.seconds: float | None = None
+        self.account: str | None = None  # the upstream account it went through
 
 
 @dataclass(slots=True)
@@ -52,13 +55,11 @@ class Streamed:
 
 @upstream_call
 async def fetch(rt: Runtime, req: ParsedRequest, seen: Upstreamed, *,
-                pace_delay_s: float) -> Reply:
+                passage: Passage) -> Reply:
     """The upstream's whole answer; raises `UpstreamUnavailable` when none came in time."""
     try:
         async with asyncio.timeout(req.deadline_s):
-            if pace_delay_s > 0:
-                await asyncio.sleep(pace_delay_s)
-            response = await _send(rt, req, seen, stream=False)
+            response = await _send(rt, req, seen, passage, stream=False)
             return Reply(response.status_code, answer_headers(response), response.content)
     except TimeoutError:
         raise UpstreamUnavailable("The upstream API did not answer in time.", status=504) from None
@@ -67,16 +68,14 @@ async def fetch(rt: Runtime, req: ParsedRequest, seen: Upstreamed, *,
 @upstream_call
 async def relay(rt: Runtime, req: ParsedRequest, seen: Upstreamed, receive: Receive,
                 send: Callable[[Message], Awaitable[None]], start: Callable[[Reply], Headers], *,
-                pace_delay_s: float, record_limit: int) -> Streamed:
+                passage: Passage, record_limit: int) -> Streamed:
     """Relay a 2xx event stream to the client as it comes; `start` decorates its head. Raises
     `UpstreamUnavailable` when no answer began in time."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + req.deadline_s
     try:
         async with asyncio.timeout_at(deadline):
-            if pace_delay_s > 0:
-                await asyncio.sleep(pace_delay_s)
-            response = await _send(rt, req, seen, stream=True)
+            response = await _send(rt, req, seen, passage, stream=True)
             if not 200 <= response.status_code < 300:
                 await response.aread()
                 return Streamed(End.ANSWER, response.status_code, answer_headers(response),
@@ -128,41 +127,51 @@ async def relay(rt: Runtime, req: ParsedRequest, seen: Upstreamed, receive: Rece
                     client_gone)
 
 
-async def _send(rt: Runtime, req: ParsedRequest, seen: Upstreamed,
+async def _send(rt: Runtime, req: ParsedRequest, seen: Upstreamed, passage: Passage,
                 *, stream: bool) -> httpx.Response:
-    started = time.perf_counter()
-    try:
-        headers = req.headers if rt.tracing is None else rt.tracing.inject(req.headers)
-        response = await rt.upstream.send(req.method, req.path, req.query, headers, req.body,
-                                          stream=stream, before_retry=_retry_slot(rt))
-    except UpstreamUnavailable:
-        _seen(rt, req, seen, "error", started)
-        raise
-    _seen(rt, req, seen, str(response.status_code), started)
-    if response.status_code in (401, 402):
+    """Through the account whose slot the request holds; an account that refuses its key or
+    has no credits (401/402) leaves the rotation, and the request moves to another."""
+    account = await passage.take()
+    while True:
+        seen.account = account
+        started = time.perf_counter()
+        try:
+            headers = req.headers if rt.tracing is None else rt.tracing.inject(req.headers)
+            response = await rt.upstream.send(req.method, req.path, req.query, headers,
+                                              req.body, stream=stream, account=account,
+                                              before_retry=_retry_slot(rt, account))
+        except UpstreamUnavailable:
+            _seen(rt, req, seen, "error", started)
+            raise
+        _seen(rt, req, seen, str(response.status_code), started)
+        status = response.status_code
+        if status not in (401, 402):
+            await passage.recovered()
+            return response
         await response.aclose()
         log.error("upstream refused the organisation's key or account",
-                  extra={"fields": {"upstream_status": response.status_code,
+                  extra={"fields": {"upstream_status": status, "account": account,
                                     "request_id": req.request_id}})
-        raise UpstreamUnavailable(
-            "The gateway's upstream account needs attention (operators have been alerted). "
-            "This request was not charged.",
-            status=502 if response.status_code == 401 else 503,
-        )
-    return response
+        moved = await passage.refused(account, status)
+        if moved is None:
+            raise UpstreamUnavailable(
+                "The gateway's upstream account needs attention (operators have been alerted). "
+                "This request was not charged.",
+                status=502 if status == 401 else 503,
+            )
+        account = moved
 
 
-def _retry_slot(rt: Runtime) -> Callable[[], Awaitable[None]]:
+def _retry_slot(rt: Runtime, account: str) -> Callable[[], Awaitable[None]]:
     async def book() -> None:
         if rt.tracing is not None:
             rt.tracing.retrying()
         try:
-            wait = await rt.upstream_slot()
+            wait = await rt.upstream_slot(account)
         except StoreError:
             return  # the first attempt had its slot; a retry does not fail on the store
         if wait is not None:
-            raise RateLimited("The organisation's upstream allowance is spent; retry shortly.",
-                              wait_s=wait)
+            raise busy(wait)
 
     return book
 
@@ -173,6 +182,8 @@ def _seen(rt: Runtime, req: ParsedRequest, seen: Upstreamed, status: str, starte
     rt.metrics.upstream_requests.labels(req.route, status).inc()
     exemplar = None if rt.tracing is None else rt.tracing.upstream_answered(status)
     rt.metrics.upstream_duration.labels(req.route).observe(seconds, exemplar)
+    if seen.account is not None:
+        rt.metrics.upstream_account_requests.labels(seen.account, status).inc()
 
 
 def answer_headers(response: httpx.Response) -> Headers:

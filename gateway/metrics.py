@@ -174,6 +174,52 @@ class Metrics:
             "Requests served without the shared store (store.on_error: open).",
             registry=registry)
 
+        # the upstream accounts and the fair queue in front of them (gateway/fairness.py)
+        self.upstream_slots = Labelled(Counter(
+            "gateway_upstream_slots_total",
+            "Upstream slots granted, by account and by the team whose request took it.",
+            ["account", "team"], registry=registry))
+        self.upstream_wait = Labelled(Histogram(
+            "gateway_upstream_wait_seconds",
+            "Time a request waited for its upstream slot (0 when one was free).",
+            ["team"], buckets=BUCKETS, registry=registry))
+        self.upstream_waiting = Labelled(Gauge(
+            "gateway_upstream_waiting", "Requests waiting for an upstream slot right now.",
+            ["team"], multiprocess_mode="livesum", registry=registry))
+        self.upstream_account_up = Labelled(Gauge(
+            "gateway_upstream_account_up",
+            "1 while the upstream account is in rotation, 0 while it is out (it refused its key "
+            "or had no credits).",
+            ["account"], multiprocess_mode="mostrecent", registry=registry))
+        self.upstream_account_requests = Labelled(Counter(
+            "gateway_upstream_account_requests_total",
+            "Requests sent through each upstream account, by its answer (`error`: none came).",
+            ["account", "status"], registry=registry))
+        self.upstream_account_wait = Labelled(Histogram(
+            "gateway_upstream_account_wait_seconds",
+            "Time requests waited for a slot of each upstream account.",
+            ["account"], buckets=BUCKETS, registry=registry))
+        self.upstream_account_slots_free = Labelled(Gauge(
+            "gateway_upstream_account_slots_free",
+            "Slots of the account's per-minute limit not used in the last minute (store).",
+            ["account"], multiprocess_mode="mostrecent", registry=registry))
+        self.upstream_account_limit = Labelled(Gauge(
+            "gateway_upstream_account_limit",
+            "The account's requests_per_minute (from the config).",
+            ["account"], multiprocess_mode="mostrecent", registry=registry))
+        self.upstream_account_spent = Labelled(Counter(
+            "gateway_upstream_account_spent_total",
+            "Credits charged for answers that came through each upstream account.",
+            ["account"], registry=registry))
+        self.upstream_account_balance = Labelled(Gauge(
+            "gateway_upstream_account_balance",
+            "The account's balance to watch (its `credits` in the config).",
+            ["account"], multiprocess_mode="mostrecent", registry=registry))
+        self.upstream_account_balance_left = Labelled(Gauge(
+            "gateway_upstream_account_balance_remaining",
+            "What is left of the account's balance to watch, by the gateway's count (store).",
+            ["account"], multiprocess_mode="mostrecent", registry=registry))
+
         # the ledger shipper (gateway/ledger/): only the replica holding its lock reports a backlog
         self.ledger_pending = Gauge(
             "gateway_ledger_pending",

@@ -7,13 +7,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from . import callbacks
+from .accounts import Accounts, compile_accounts
 from .attribution import TagRules
 from .auth import Authenticator
 from .budget import to_milli
 from .config import Budget, Config, Key
 from .quota import Quota, policy_header
 from .settlement import CacheRules
-from .store.base import LedgerTrim, Pace
+from .store.base import LedgerTrim, SlotAsk
 
 MARGIN_S = 5.0  # a lock outlives its holder's deadline by this much
 
@@ -36,18 +37,20 @@ class TeamPolicy:
     budget_limit: int | None  # millicredits
     models: frozenset[str] | None
     policy_header: bytes | None  # RateLimit-Policy
+    slot: SlotAsk | None  # what its requests ask for an upstream slot (None: nothing to take)
+    upstream_per_minute: int | None  # what the accounts it may use allow (None: unpaced)
     keys: Mapping[str, KeyPolicy] = field(default_factory=dict)  # keys with limits of their own
+    callbacks: callbacks.Rules | None = None  # where its tasks' webhooks may go
 
     def limits(self, key_id: str) -> tuple[tuple[Quota, ...], bytes | None]:
         """The quota windows a request of `key_id` must fit, and their RateLimit-Policy."""
         key = self.keys.get(key_id)
         return (self.quotas, self.policy_header) if key is None else (key.quotas,
                                                                      key.policy_header)
-    callbacks: callbacks.Rules | None = None  # where its tasks' webhooks may go
 
 
 class Policy:
-    """The compiled config: identities, per-team limits, tag rules, pricing and pacing.
+    """The compiled config: identities, per-team limits, tag rules, pricing, upstream accounts.
 
     `previous` is the policy this one replaces on a reload: what it fetched (the IdP's keys) is
     kept when the settings it came from did not change."""
@@ -59,6 +62,8 @@ class Policy:
             config, previous=previous.auth if previous is not None else None)
         self.tags = TagRules(config.attribution)
         self.key_owner: dict[str, str] = {}
+        upstream = config.upstream
+        self.accounts: Accounts = compile_accounts(upstream, config.teams)
         for name, team in config.teams.items():
             windows = _windows(team.requests_per_minute, team.requests_per_day)
             self.teams[name] = TeamPolicy(
@@ -72,18 +77,11 @@ class Policy:
                       if key.requests_per_minute or key.requests_per_day or key.budget},
                 callbacks=None if team.callbacks is None else callbacks.compile_rules(
                     team.callbacks.allow, team.callbacks.secrets),
+                slot=self.accounts.ask(name, team, upstream.queue_timeout_s),
+                upstream_per_minute=self.accounts.per_minute(name),
             )
             for key in team.keys:
                 self.key_owner[key.id] = name
-        upstream = config.upstream
-        rpm = upstream.requests_per_minute
-        # GCRA with burst B and one slot per 60/(R-B+1) s never lets more than R through in any
-        # 60 s window, so the upstream's own per-minute limit is never hit.
-        self.pace = None if rpm is None else Pace(
-            interval_ms=60000.0 / (rpm - upstream.burst + 1),
-            burst=upstream.burst,
-            queue_ms=upstream.queue_timeout_s * 1000.0,
-        )
         # The whole upstream call (the wait for a slot, every attempt, reading the body) ends
         # by its deadline, and the locks it holds (flight, idempotency, reservation) outlive it.
         self.deadline_s = upstream.queue_timeout_s + upstream.timeout_s

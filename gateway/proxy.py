@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
-from . import forward, inbound, routes, tracing
+from . import fairness, forward, inbound, routes, tracing
 from .asgi import (
     Message,
     Receive,
@@ -163,9 +163,9 @@ class Proxy:
                 self.rt.budget_seen(team.name, reservation.period if reservation else None,
                                     result.budget_used)
                 verdict = result.verdict
-                if verdict in (Verdict.ADMIT, Verdict.HIT, Verdict.REPLAY):
+                if verdict in (Verdict.ADMIT, Verdict.QUEUED, Verdict.HIT, Verdict.REPLAY):
                     following = False  # the lock is the leader's path's now, or an answer's
-                if verdict is Verdict.ADMIT:
+                if verdict in (Verdict.ADMIT, Verdict.QUEUED):
                     if self.rt.tracing is not None:
                         self.rt.tracing.decided("miss" if req.lookup else "bypass")
                     if req.stream:
@@ -226,7 +226,8 @@ class Proxy:
         reply: Reply | None = None
         with self.rt.flights.lead(req.flight) if req.flight else _no_flight() as flight:
             try:
-                reply = await forward.fetch(self.rt, req, seen, pace_delay_s=result.pace_delay_s)
+                reply = await forward.fetch(self.rt, req, seen,
+                                            passage=fairness.Passage(self.rt, req, result, store))
             finally:
                 flight.publish(reply)
                 if reply is None:  # no answer (an error, or cancelled): refunded, locks freed
@@ -245,7 +246,8 @@ class Proxy:
         streamed: forward.Streamed | None = None
         try:
             streamed = await forward.relay(
-                self.rt, req, seen, receive, send, start, pace_delay_s=result.pace_delay_s,
+                self.rt, req, seen, receive, send, start,
+                passage=fairness.Passage(self.rt, req, result, store),
                 record_limit=self.rt.policy.config.cache.max_entry_bytes)
         finally:
             if streamed is None:
@@ -271,13 +273,17 @@ class Proxy:
     async def _conclude(self, req: ParsedRequest, store: Store, ex: Exchange, end: End,
                         reply: Reply | None, answer: Answer | None) -> Decision:
         """Settle, cache, remember and own, as the policy decides for this end."""
+        account = ex.upstream.account if ex.upstream is not None else None
         try:
             decision = decide(req.billing, end, answer, self.rt.policy.cache_rules)
-            completion = self._completion(req, end, decision, reply)
+            completion = self._completion(req, end, decision, reply, account)
         except Exception:  # a defect: give back what the request holds, and say so
             log.exception("settlement failed; the request's reservation is refunded")
             decision = Decision(Charge.REFUND)
-            completion = self._completion(req, End.NO_ANSWER, decision, None)
+            completion = self._completion(req, End.NO_ANSWER, decision, None, account)
+        if decision.charge is Charge.SETTLE and account is not None:  # the account's bill
+            self.rt.health.spent(account, decision.credits if decision.credits is not None
+                                 else req.billing.price)
         if decision.charge is Charge.SETTLE and decision.task is None:
             credits = decision.credits
             ex.credits = from_milli(credits if credits is not None else req.billing.price)
@@ -295,8 +301,8 @@ class Proxy:
         return decision
 
     def _completion(self, req: ParsedRequest, end: End, decision: Decision,
-                    reply: Reply | None) -> Completion:
-        """The store's part of a decision."""
+                    reply: Reply | None, account: str | None) -> Completion:
+        """The store's part of a decision (`account`: the upstream account it went through)."""
         a, config = req.admission, self.rt.policy.config
         team, ticket = req.team.name, a.ticket
         completion = Completion(team, ticket, ledger=a.ledger)
@@ -335,7 +341,8 @@ class Proxy:
                                                           IDEMPOTENCY_TTL_MS))
         if decision.owner is not None:
             ttl_ms = max(config.cache.task_ttl_s, OWNER_MIN_TTL_S) * 1000
-            completion = replace(completion, task_owner=(decision.owner, ttl_ms))
+            completion = replace(completion, task_owner=(decision.owner, ttl_ms),
+                                 task_account=account)
         if end is End.COALESCED and req.billing.kind in (Kind.SYNC, Kind.CREATE):
             completion = replace(completion, event=_cached_event(req, decision.saved))
         return completion
@@ -412,8 +419,14 @@ class Proxy:
                 f"{needed} needed.")
         if verdict is Verdict.PACE:
             ex.reason = "pace"
-            return RateLimited("The organisation's upstream allowance is spent; retry shortly.",
-                               wait_s=result.retry_after_s)
+            return fairness.busy(result.retry_after_s)
+        if verdict is Verdict.QUEUE_FULL:
+            ex.reason = "waiting"
+            return fairness.busy(result.retry_after_s, reason="waiting")
+        if verdict is Verdict.UNAVAILABLE:
+            ex.reason = "upstream"
+            return UpstreamUnavailable("No upstream account is left for this request.",
+                                       status=503)
         if verdict is Verdict.NOT_FOUND:
             ex.reason = "not_found"
             return NotFound("Task not found.")
@@ -444,6 +457,12 @@ class Proxy:
         if reply.status == 429:
             headers[:] = [(k, v) for k, v in headers if k != b"cache-control"]
             headers.append((b"cache-control", b"no-store"))
+            if ex.reason in ("pace", "waiting"):  # the upstream allowance, not the team's quota
+                team = self.rt.policy.teams.get(ex.team)
+                wait = _header(headers, b"retry-after") or b"1"
+                headers += fairness.ratelimit_headers(
+                    team.upstream_per_minute if team is not None else None,
+                    float(wait) if wait.isdigit() else 1.0)
         else:
             # answers are per key: at least `private`, unless the upstream said something stricter
             cache_control = _header(headers, b"cache-control")
@@ -469,6 +488,7 @@ class Proxy:
                 "request_id": ex.request_id, "team": ex.team, "key_id": ex.key_id,
                 "method": ex.method, "route": ex.route, "model": _short(ex.model),
                 "status": ex.status, "cache": ex.cache, "credits": ex.credits,
+                "account": ex.upstream.account if ex.upstream is not None else None,
                 "upstream_ms": None if upstream_s is None else round(upstream_s * 1000, 2),
                 "total_ms": round(seconds * 1000, 2),
             }})

@@ -166,7 +166,7 @@ def parse(policy: Policy, team: TeamPolicy, key_id: str, *, request_id: str, met
         reservation=reservation,
         budget_limit=team.budget_limit,
         key_budget_limit=limits.budget_limit if limits else None,
-        pace=policy.pace,
+        slot=team.slot,
         hit_event=context if lookup and method == "POST" else None,
         ledger=policy.ledger_trim(now),
     )

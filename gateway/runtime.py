@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from . import audit
 from . import config as cfg
+from .accounts import Health
 from .bookkeeping import Bookkeeper
 from .budget import from_milli, period_id
 from .errors import StoreUnavailable
+from .fairness import Waiters
 from .metrics import Metrics
 from .policy import Policy
 from .singleflight import Flights
@@ -69,6 +71,8 @@ class Runtime:
         # served once this process has a copy of the revocations, refreshed with each heartbeat
         self._revocations_known = False
         self.flights = Flights()
+        self.health = Health(store, metrics, lambda: self.policy.accounts)
+        self._waiters: dict[int, Waiters] = {}  # per store: the shared one, or the fallback
         self.bookkeeper = Bookkeeper(
             store,
             on_settled=lambda c, settled: self.settled(c.team, c.period, settled),
@@ -157,6 +161,7 @@ class Runtime:
                 self._follow_reloads(processes.generation)
                 if self.policy.config.store.on_error == "open":
                     await self._copy_revocations()
+                await self.health.flush()
             except StoreError:
                 self._heard_since = None
                 self.metrics.store_errors.labels("heartbeat").inc()
@@ -246,14 +251,24 @@ class Runtime:
                                         clock=self.clock, memory_max_bytes=16 * 1024 * 1024)
         return self._fallback
 
-    async def upstream_slot(self) -> float | None:
-        """Book the organisation's next upstream slot and wait for it (a call outside `admit`:
-        a retry, a reconciler's poll). Returns None once booked, or the seconds to wait when the
-        allowance is spent beyond the queue timeout."""
-        pace = self.policy.pace
-        if pace is None:
+    def waiters(self, store: Store) -> Waiters:
+        """The requests of this process waiting for an upstream slot in `store`."""
+        waiters = self._waiters.get(id(store))
+        if waiters is None:
+            waiters = self._waiters[id(store)] = Waiters(store,
+                                                         lambda: self.policy.accounts.paces)
+        return waiters
+
+    async def upstream_slot(self, account: str | None) -> float | None:
+        """Book `account`'s next upstream slot and wait for it (a call outside `admit`: a
+        retry, a reconciler's poll; None: the first account). Returns None once booked, or the
+        seconds to wait when the allowance is spent beyond the queue timeout."""
+        paces = self.policy.accounts.paces
+        pace = next((p for p in paces if p.id == account), paces[0])
+        if pace.interval_ms == 0:
             return None
-        booked, wait = await self.store.pace(pace)
+        booked, wait = await self.store.pace(
+            pace, self.policy.config.upstream.queue_timeout_s * 1000.0)
         if not booked:
             return wait
         await asyncio.sleep(wait)

@@ -64,9 +64,12 @@ class Reconciler:
             if alive is None:
                 alive = (await store.processes()).alive(self.rt.alive_ms)
             for r in overdue:
-                poll = None
+                poll: Answer | None = None
+                account: str | None = None
                 if r.id.startswith("task:"):
-                    poll = await self._poll(r.id.removeprefix("task:"))
+                    task_id = r.id.removeprefix("task:")
+                    account = await store.task_account(team, task_id)
+                    poll = await self._poll(task_id, account)
                 owner_alive = not trusted or process_of(r.id) in alive
                 decision = reconcile(r.id, owner_alive=owner_alive, poll=poll)
                 if decision is None:
@@ -76,6 +79,8 @@ class Reconciler:
                                 extra={"fields": {"team": team, "period": r.period}})
                 result = await store.finish(self._completion(team, r, decision))
                 self.rt.settled(team, r.period, result)
+                if result.settled and account is not None and decision.charge is Charge.SETTLE:
+                    self.rt.health.spent(account, result.charged)
                 settled += result.settled and decision.charge is not Charge.HOLD
         return settled
 
@@ -92,12 +97,14 @@ class Reconciler:
         settle = Settle.REFUND if decision.charge is Charge.REFUND else Settle.CHARGE
         return replace(base, settle=settle, charge=decision.credits)
 
-    async def _poll(self, task_id: str) -> Answer | None:
-        """The upstream's answer about a task; None when it cannot be asked now."""
-        if await self.rt.upstream_slot() is not None:
+    async def _poll(self, task_id: str, account: str | None) -> Answer | None:
+        """The upstream's answer about a task, asked through the account that created it (no
+        other key sees it); None when it cannot be asked now."""
+        if await self.rt.upstream_slot(account) is not None:
             return None  # the allowance is spent: ask again next round
         try:
-            response = await self.rt.upstream.send("GET", f"tasks/{task_id}", b"", [], b"")
+            response = await self.rt.upstream.send("GET", f"tasks/{task_id}", b"", [], b"",
+                                                   account=account)
         except GatewayError:
             return None  # upstream away: ask again next round
         return read_answer(response.status_code, None, response.content)

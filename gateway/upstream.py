@@ -228,7 +228,10 @@ class Upstream:
     def __init__(self, config: cfg.Upstream, *,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.retries = config.retries
-        self._auth = (b"authorization", b"Bearer " + config.api_key.encode())
+        # one Authorization header per account (`config.accounts`, or the one `api_key`)
+        self._auth = {account.id: (b"authorization", b"Bearer " + account.api_key.encode())
+                      for account in cfg.accounts_of(config)}
+        self._default = next(iter(self._auth))
         self._base = config.base_url.rstrip("/") + "/"
         self._urls: dict[str, httpx.URL] = {}
         self._host = (b"host", httpx.URL(self._base).netloc)
@@ -266,8 +269,10 @@ class Upstream:
         *,
         stream: bool = False,
         before_retry: Callable[[], Awaitable[None]] | None = None,
+        account: str | None = None,
     ) -> httpx.Response:
-        """Send with the organisation's key; raise `UpstreamUnavailable` when no answer came.
+        """Send with `account`'s key (None, or an account no longer configured: the first
+        account's); raise `UpstreamUnavailable` when no answer came.
 
         With `stream`, the body is left to read (`aiter_bytes`) and the caller must `aclose()`
         the response; otherwise it is read before returning."""
@@ -279,7 +284,7 @@ class Upstream:
         request = httpx.Request(
             method, self._url(path, query),
             headers=[*framing, *(h for h in _DEFAULT_HEADERS if h[0] not in given), *headers,
-                     self._auth],
+                     self._auth.get(account or self._default, self._auth[self._default])],
             stream=httpx.ByteStream(body), extensions=self._extensions,
         )
         attempt = 0

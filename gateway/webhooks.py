@@ -63,7 +63,7 @@ from .errors import GatewayError, NotFound, RateLimited
 from .request import Head, ParsedRequest, parse
 from .settlement import TaskState, read_answer
 from .store import StoreError
-from .store.base import Pace, ScriptFailed
+from .store.base import ScriptFailed
 from .store.hooks import Claimed, Hook, State, Step, Update
 
 if TYPE_CHECKING:
@@ -283,9 +283,9 @@ class Webhooks:
                     path=f"{routes.TASKS}/{hook.task_id}", route=routes.TASKS, query=b"",
                     head=Head([]), raw_headers=[], body=b"", payload=None, model=None,
                     ticket=self.rt.ticket(), now=self.rt.clock())
-        pace = req.admission.pace
+        slot = req.admission.slot  # a slot now, or none: client requests never wait for polls
         admission = replace(req.admission, count_quota=False,  # not the team's own request
-                            pace=None if pace is None else Pace(pace.interval_ms, pace.burst, 0))
+                            slot=None if slot is None else replace(slot, queue_ms=0.0))
         async with asyncio.timeout(policy.hold_ms / 1000):
             return await self._poll(replace(req, admission=admission))
 

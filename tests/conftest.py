@@ -318,8 +318,8 @@ class Mock:
 
     def reset(self, **settings: Any) -> None:
         self.client.post("/_mock/reset").raise_for_status()
-        defaults = {"api_key": UPSTREAM_KEY, "task_delay_s": 0.3, "rate_limit": None,
-                    "rate_window_s": 60.0, "record": True}
+        defaults = {"api_key": UPSTREAM_KEY, "other_keys": [], "task_delay_s": 0.3,
+                    "rate_limit": None, "rate_window_s": 60.0, "record": True}
         self.client.post("/_mock/config", json={**defaults, **settings}).raise_for_status()
 
     def configure(self, **settings: Any) -> None:

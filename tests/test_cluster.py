@@ -24,7 +24,7 @@ def test_budget_race_on_a_cluster(redis_cluster: RedisClusterServers,
 
 def test_shared_cache_and_pacing_span_slots(redis_cluster: RedisClusterServers,
                                             make_gateway: GatewayFactory, mock: Mock) -> None:
-    """Team keys, the shared cache entry and the pacing key sit in three different slots."""
+    """Team keys, the shared cache entry and the upstream schedule sit in three different slots."""
     redis_cluster.flush()
     gateway = make_gateway(redis_cluster.url, cache={"scope": "organisation"},
                            upstream={"requests_per_minute": 6000, "burst": 10})
@@ -35,7 +35,7 @@ def test_shared_cache_and_pacing_span_slots(redis_cluster: RedisClusterServers,
     other_team = gateway.chat("cache me", team="marketing")
     assert other_team.headers["x-cache"] == "HIT"
     keys = "\n".join(n.cli("--scan") for n in redis_cluster.nodes)
-    assert "{org}:pace" in keys and "{c:" in keys and "{t:research}" in keys
+    assert "{org}:sched" in keys and "{c:" in keys and "{t:research}" in keys
 
 
 def test_pacing_refusal_gives_back_the_reservation(redis_cluster: RedisClusterServers,

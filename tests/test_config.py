@@ -185,6 +185,37 @@ BAD_VALUES = [
      "characters only (no spaces, no control characters); the key is not shown"),
     (f"upstream: {{api_key: '{SECRET}\u00e9'}}", "upstream.api_key: must be visible ASCII "
      "characters only (no spaces, no control characters); the key is not shown"),
+    # upstream accounts: each key checked as api_key is, never echoed
+    (f"upstream: {{api_key: k, accounts: [{{id: a, api_key: {SECRET}}}]}}",
+     "upstream.api_key: give either api_key (one account) or accounts"),
+    (f"upstream: {{accounts: [{{id: a, api_key: {SECRET}}}, {{id: a, api_key: {SECRET}x}}]}}",
+     "upstream.accounts[1].id: duplicate account id 'a' (also upstream.accounts[0])"),
+    (f"upstream: {{accounts: [{{id: a, api_key: {SECRET}}}, {{id: b, api_key: {SECRET}}}]}}",
+     "upstream.accounts: two accounts have the same key (not shown)"),
+    (f"upstream: {{accounts: [{{id: a, api_key: ' {SECRET}'}}]}}",
+     "upstream.accounts[0].api_key: has whitespace at its start or end (a secret file's "
+     "trailing newline?); the key is not shown"),
+    ("upstream: {accounts: [{id: a}]}", "upstream.accounts[0].api_key: required field is missing"),
+    (f"upstream: {{accounts: [{{id: 'a b', api_key: {SECRET}}}]}}",
+     "upstream.accounts[0].id: 'a b' is not a valid value"),
+    (f"upstream: {{accounts: [{{id: a, api_key: {SECRET}, requests_per_minute: 5, burst: 6}}]}}",
+     "upstream.accounts[0].burst: must not exceed requests_per_minute"),
+    (f"upstream: {{accounts: [{{id: a, api_key: {SECRET}, teams: [nobody]}}]}}",
+     "upstream.accounts[0].teams[0]: no team is named 'nobody'"),
+    (f"upstream: {{accounts: [{{id: a, api_key: {SECRET}, teams: [studio]}}]}}\n"
+     "teams: {studio: {}, research: {}}",
+     "teams.research: no upstream account may serve this team (each lists other teams)"),
+    (f"upstream: {{accounts: [{{id: a, api_key: {SECRET}, credits: -1}}]}}",
+     "upstream.accounts[0].credits: must be at least 0, got -1"),
+    (KEY + "teams: {research: {upstream_weight: 0}}",
+     "teams.research.upstream_weight: must be greater than 0, got 0"),
+    (KEY + "teams: {research: {max_waiting: -1}}",
+     "teams.research.max_waiting: must be at least 0, got -1"),
+    (KEY + "teams: {research: {upstream_min_per_minute: 61}}",
+     "teams.research.upstream_min_per_minute: more than the accounts this team may use allow"),
+    (KEY + "teams: {a: {upstream_min_per_minute: 40}, b: {upstream_min_per_minute: 40}}",
+     "teams: the upstream_min_per_minute of all teams add up to more than the upstream "
+     "accounts allow"),
     # the metrics token: a real secret, never echoed
     (KEY + "metrics: {bearer_token: ''}",
      "metrics.bearer_token: must be 16 to 4096 characters; the token is not shown"),
@@ -253,6 +284,23 @@ def test_bad_values_are_refused_with_one_line(text: str, message: str) -> None:
 ])
 def test_good_store_urls_pass(url: str) -> None:
     assert parse(KEY + f"store: {{url: '{url}'}}").store.url == url
+
+
+def test_accounts_in_place_of_the_one_key() -> None:
+    config = parse(f"""
+upstream:
+  accounts:
+    - {{id: main, api_key: {SECRET}, requests_per_minute: 120, burst: 10, credits: 5000}}
+    - {{id: media, api_key: {SECRET}x, requests_per_minute: null, teams: [studio]}}
+teams: {{studio: {{upstream_weight: 2.5, upstream_min_per_minute: 30}}, research: {{}}}}
+""")
+    main, media = config.upstream.accounts
+    assert (main.id, main.requests_per_minute, main.burst, main.credits) == ("main", 120, 10, 5000)
+    assert (media.requests_per_minute, media.teams) == (None, ("studio",))
+    assert SECRET not in repr(config)
+    assert config.teams["studio"].upstream_weight == 2.5
+    assert config.teams["research"].max_waiting == 50
+    assert cfg.accounts_of(parse(KEY).upstream)[0].id == "default"
 
 
 def test_secret_values_never_appear_in_errors() -> None:

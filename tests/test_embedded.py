@@ -15,6 +15,7 @@ import random
 import re
 import socket
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from importlib import resources
 from typing import Any
 
@@ -25,13 +26,14 @@ import redis.exceptions
 
 from gateway.quota import Quota
 from gateway.store.base import (
+    AccountPace,
     Admission,
     CacheRef,
     Completion,
     LedgerTrim,
-    Pace,
     Reservation,
     Settle,
+    SlotAsk,
     Verdict,
 )
 from gateway.store.embedded import EmbeddedRedis, ResponseError
@@ -290,6 +292,8 @@ def _generators() -> dict[str, Callable[[random.Random], list[bytes]]]:
         "ZREM": lambda r: [key(r), *some(r, members)],
         "ZSCORE": lambda r: [key(r), r.choice(members)],
         "ZCARD": lambda r: [key(r)],
+        "ZCOUNT": lambda r: [key(r), r.choice([*FLOATS, b"(1", b"(3", b"(", b"-inf"]),
+                             r.choice([*FLOATS, b"(10", b"+inf", b"(+inf"])],
         "ZRANGEBYSCORE": lambda r: [
             key(r), r.choice([*FLOATS, b"(1", b"(3", b"("]), r.choice([*FLOATS, b"(10"]),
             *([b"WITHSCORES"] if r.random() < 0.5 else []),
@@ -570,7 +574,9 @@ async def _store_walk(store: ScriptStore) -> list[Verdict]:
     shared = CacheRef("chat/completions", "f" * 64, shared=True)
     # long enough that no quota, pacing slot or lock frees up during the walk
     quota = Quota("hour", 3, 3600.0)
-    pace = Pace(interval_ms=60_000.0, burst=2, queue_ms=90_000.0)
+    accounts = (AccountPace("main", 60_000.0, 2, 60, 5_000_000),
+                AccountPace("spare", 60_000.0, 1, 60))
+    pace = SlotAsk(accounts, ("main",), queue_ms=90_000.0)
     verdicts = []
 
     async def admit(ticket: str, **kw: Any) -> None:
@@ -605,11 +611,19 @@ async def _store_walk(store: ScriptStore) -> list[Verdict]:
     await admit("j1", idempotency=("key2", "fp"))
     await store.finish(Completion("t", "j1", idempotency=("key2", None, 0)))
     await admit("j2", idempotency=("key2", "fp"))
-    await admit("s1", cache=shared, pace=pace, quotas=(Quota("hour", 100, 3600.0),),
+    await admit("s1", cache=shared, slot=pace, quotas=(Quota("hour", 100, 3600.0),),
                 reservation=_reserve("s1", 10_000), budget_limit=10**9)
     for i in range(4):
-        await admit(f"p{i}", pace=pace)
-    await store.pace(Pace(60_000.0, 2, 10**6))
+        await admit(f"p{i}", slot=pace)  # granted, queued, then refused
+    await admit("full", slot=replace(pace, max_waiting=1))
+    await admit("none", slot=replace(pace, usable=()))
+    await store.claim(["p1", "p2", "gone"], accounts)
+    await store.slot("u", "moved", replace(pace, usable=("spare",), weight=3))
+    await store.slot("u", "moved2", replace(pace, usable=("spare",), min_interval_ms=1000.0))
+    await store.claim(["p1", "moved2"], accounts, leave=True)
+    await store.account_states(accounts, down=("main", 60.0))
+    await store.account_states(accounts, up="main", spend=[("main", 1500), ("spare", 10)])
+    await store.pace(accounts[1], 10**6)
     await store.revoke("t", "k", True)
     await admit("revoked")
     await store.revoke("t", "k", False)

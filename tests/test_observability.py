@@ -25,6 +25,7 @@ from gateway.metrics import Metrics
 
 from .conftest import (
     ROOT,
+    UPSTREAM_KEY,
     GatewayFactory,
     Mock,
     RedisServer,
@@ -162,6 +163,9 @@ def test_dashboard_has_the_panels_operators_need() -> None:
         'status=~"5..|error"', 'status=~"401|402"', 'reason="quota"',
         "gateway_inflight_requests", "gateway_store_errors_total",
         "gateway_store_fallback_requests_total", "by (team, status)",
+        "gateway_upstream_account_up", "gateway_upstream_slots_total",
+        "gateway_upstream_waiting", "gateway_upstream_wait_seconds_bucket",
+        "gateway_upstream_account_slots_free", "gateway_upstream_account_balance_remaining",
     ):
         assert needle in text, needle
 
@@ -183,7 +187,9 @@ def test_rules_are_complete() -> None:
                    'reason="quota"', 'status=~"5..|error"', 'status=~"401|402"',
                    "gateway_store_errors_total", "gateway_store_fallback_requests_total",
                    "histogram_quantile(0.99,", "gateway_cache_events_total",
-                   "gateway_ledger_pending", "gateway_ledger_lag_seconds"):
+                   "gateway_ledger_pending", "gateway_ledger_lag_seconds",
+                   "gateway_upstream_account_up", "gateway_upstream_account_slots_free",
+                   "gateway_upstream_account_balance_remaining", 'reason=~"pace|waiting"'):
         assert metric in reads, metric
 
 
@@ -492,7 +498,9 @@ def test_every_dashboard_query_answers_with_the_traffic_sent(
         "research": team_config("research", budget={"credits": 14, "period": "month"}),
         "marketing": team_config("marketing", requests_per_day=3,
                                  budget={"credits": 1000, "period": "month"}),
-    }, metrics={"bearer_token": token})
+    }, metrics={"bearer_token": token}, upstream={"api_key": "", "accounts": [  # one, paced
+        {"id": "main", "api_key": UPSTREAM_KEY, "requests_per_minute": 6000, "burst": 100,
+         "credits": 1000}]})
     assert gateway.client.get("/metrics").status_code == 401
     prom = prometheus([gateway.url.removeprefix("http://")], token=token)
 
@@ -572,6 +580,12 @@ def test_every_dashboard_query_answers_with_the_traffic_sent(
     used = one("Budget used", "team")
     assert used == {"research": approx(12 / 14), "marketing": approx(4 / 1000)}
     assert one("In-flight requests") == {"": 0}
+    # every forwarded research request took a slot (4 failures, 2 paid, 1 without the store)
+    slots = one("Upstream slots by team", "team")
+    assert slots["research"] * window_s == approx(7, rel=1e-2)
+    assert one("Upstream accounts in rotation", "account") == {"main": 1}  # back after the 402
+    assert one("Requests waiting for an upstream slot", "team") == {"research": 0,
+                                                                    "marketing": 0}
     fallback = one("Requests served without the store (open fallback)")
     assert fallback[""] * window_s == approx(1, rel=1e-2)
     assert one("Store errors by operation", "operation")["admit"] * window_s == approx(1, rel=1e-2)

@@ -59,6 +59,10 @@ ROWS: list[tuple[str, Billing, End, Answer | None, Decision]] = [
     ("chat, upstream 429 is not remembered", SYNC_KEYED, End.ANSWER, Answer(429),
      Decision(Charge.REFUND)),
     ("no answer at all", SYNC_KEYED, End.NO_ANSWER, None, Decision(Charge.REFUND)),
+    ("never sent: its upstream slot did not come in time (429), or no account was left",
+     SYNC_KEYED, End.NO_ANSWER, None, Decision(Charge.REFUND)),
+    ("task never sent: no upstream slot in time", CREATE, End.NO_ANSWER, None,
+     Decision(Charge.REFUND)),
     ("remembered 2xx", SYNC_KEYED, End.ANSWER, ok(credits=5),
      Decision(Charge.SETTLE, 5, remember=True)),
     # streams

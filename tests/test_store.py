@@ -12,13 +12,14 @@ import pytest
 from gateway.quota import Quota, gcra
 from gateway.store import Store, open_store
 from gateway.store.base import (
+    AccountPace,
     Admission,
     CacheRef,
     Completion,
     LedgerTrim,
-    Pace,
     Reservation,
     Settle,
+    SlotAsk,
     Verdict,
 )
 
@@ -340,18 +341,18 @@ def test_revoked_keys(store_url: str) -> None:
 def test_shared_cache_pacing_and_team_keys_together(store_url: str) -> None:
     """On a cluster these live in three hash slots; the outcome must be the same everywhere."""
     ref = CacheRef("chat/completions", "f" * 64, shared=True)
-    pace = Pace(interval_ms=50.0, burst=1, queue_ms=0.0)
+    pace = one_account(interval_ms=60_000.0, burst=1, queue_ms=0.0)
     quota = Quota("minute", 100, 60.0)
 
     async def body(store: Store) -> None:
-        lead = await store.admit(admission("lead", cache=ref, pace=pace, quotas=(quota,),
+        lead = await store.admit(admission("lead", cache=ref, slot=pace, quotas=(quota,),
                                            reservation=reserve("lead", 10_000),
                                            budget_limit=100_000))
-        assert lead.verdict is Verdict.ADMIT and lead.pace_delay_s == 0
+        assert lead.verdict is Verdict.ADMIT and lead.account == "main"
         follow = await store.admit(Admission(team="u", key_id="k2", ticket="f", hold_ms=10_000,
                                              cache=ref, quotas=(quota,)))
         assert follow.verdict is Verdict.FOLLOW  # another team, same shared entry
-        paced = await store.admit(admission("paced", pace=pace, quotas=(quota,),
+        paced = await store.admit(admission("paced", slot=pace, quotas=(quota,),
                                             reservation=reserve("paced", 10_000),
                                             budget_limit=100_000))
         assert paced.verdict is Verdict.PACE  # the slot is taken and the queue is 0 ms long
@@ -371,19 +372,31 @@ def test_shared_cache_pacing_and_team_keys_together(store_url: str) -> None:
 # -- pacing ------------------------------------------------------------------------------------
 
 
-def test_pacing_books_slots_then_refuses(store_url: str) -> None:
-    pace = Pace(interval_ms=100.0, burst=2, queue_ms=250.0)
+def one_account(*, interval_ms: float, burst: int, queue_ms: float) -> SlotAsk:
+    return SlotAsk((AccountPace("main", interval_ms, burst, 60),), ("main",), queue_ms=queue_ms)
+
+
+def test_pacing_grants_the_burst_then_queues_then_refuses(store_url: str) -> None:
+    """Minutes between slots: nothing frees up while the test runs, whatever the clock."""
+    pace = one_account(interval_ms=60_000.0, burst=2, queue_ms=150_000.0)
 
     async def body(store: Store) -> None:
-        delays = []
-        for i in range(5):
-            result = await store.admit(admission(f"p{i}", pace=pace))
-            delays.append((result.verdict, result.pace_delay_s, result.retry_after_s))
-        assert [d[0] for d in delays] == [Verdict.ADMIT] * 4 + [Verdict.PACE]
-        assert [round(d[1], 1) for d in delays[:4]] == [0.0, 0.0, 0.1, 0.2]
-        assert delays[4][2] == pytest.approx(0.05, abs=0.02)
-        booked, wait = await store.pace(Pace(100.0, 2, 10_000.0))
-        assert booked and wait == pytest.approx(0.3, abs=0.02)
+        results = [await store.admit(admission(f"p{i}", slot=pace)) for i in range(5)]
+        assert [r.verdict for r in results] == [Verdict.ADMIT] * 2 + [Verdict.QUEUED] * 2 + [
+            Verdict.PACE]
+        assert [r.account for r in results] == ["main", "main", None, None, None]
+        assert [round(r.wait_s) for r in results[2:4]] == [60, 120]
+        assert results[4].retry_after_s == pytest.approx(30, abs=0.1)  # 180 s away, 150 allowed
+        claims = await store.claim(["p2", "p3"], pace.accounts)
+        assert [round(c.wait_s) for c in claims] == [60, 120] and not any(c.gone for c in claims)
+        # a retry outside the queue takes the next slot: the waiting requests come after it
+        booked, wait = await store.pace(pace.accounts[0], 10**6)
+        assert booked and wait == pytest.approx(60, abs=0.1)
+        claims = await store.claim(["p2", "p3"], pace.accounts)
+        assert [round(c.wait_s) for c in claims] == [120, 180]
+        left = await store.claim(["p2", "p3"], pace.accounts, leave=True)
+        assert all(c.gone for c in left)
+        assert all(c.gone for c in await store.claim(["p2"], pace.accounts))
 
     run(store_url, body)
 

@@ -1,6 +1,8 @@
 """An offline stand-in for apiin.one that behaves like its documentation.
 
-- Bearer key check (401 authentication_error), `model` required (400 invalid_request).
+- Bearer key check (401 authentication_error), `model` required (400 invalid_request). Each key
+  (`api_key`, and `other_keys`) is an account of its own: its own rate limit, and its tasks are
+  not found through another key.
 - The five async endpoints answer a pending task at once; `GET /api/v1/tasks/{id}` moves it
   pending -> processing -> completed (or failed) over `task_delay_s`, with `credits_consumed`
   and a result URL in the final status.
@@ -13,7 +15,8 @@ string written as is where the credits go, e.g. `1e999`), `mock_delay_s` (task d
 that final status at once), `mock_chunk_delay_s` (pause between stream events), `mock_hold` (a
 stream stops after its first event until `POST /_mock/release`).
 Control endpoints under `/_mock/`: `faults` (queue failures: a status, a slow answer, a slow
-drip, a dropped connection), `stats`, `bill`, `reset`, `config`, `release`.
+drip, a dropped connection; for one key only with `key`), `stats`, `bill`, `reset`, `config`,
+`release`.
 
 The bill (`GET /_mock/bill`) is what the account would be charged, as a real upstream would
 bill: the credits it reports in every answer it delivers whole; a task's credits once it
@@ -48,6 +51,7 @@ DEFAULT_PRICE = 5
 @dataclass
 class Settings:
     api_key: str = "aio_mock_key"
+    other_keys: list[str] = field(default_factory=list)  # more accounts
     task_delay_s: float = 2.0
     rate_limit: int | None = 60  # requests per `rate_window_s`; None = unlimited
     rate_window_s: float = 60.0
@@ -63,6 +67,7 @@ class Fault:
     drip_s: float = 0.0  # pause between body chunks
     drop: bool = False  # cut the connection in the middle of the answer
     retry_after: str | None = None
+    key: str | None = None  # only requests sent with this key
 
 
 @dataclass
@@ -72,7 +77,7 @@ class State:
     faults: list[Fault] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
     log: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=500))
-    window: deque[float] = field(default_factory=deque)
+    windows: dict[str, deque[float]] = field(default_factory=dict)  # per key
     ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     held: list[asyncio.Event] = field(default_factory=list)
     billed: list[tuple[str, float]] = field(default_factory=list)  # (X-Request-ID, credits)
@@ -219,19 +224,23 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
                               "query": request.url.query,
                               "headers": dict(request.headers),
                               "body": body.decode(errors="replace")})
-        if request.headers.get("authorization") != f"Bearer {s.api_key}":
+        sent = request.headers.get("authorization")
+        key = next((k for k in (s.api_key, *s.other_keys) if sent == f"Bearer {k}"), None)
+        if key is None:
             return error(401, "Invalid API key", "authentication_error")
+        request.state.key = key
         if s.rate_limit is not None:
             now = time.monotonic()
-            while state.window and state.window[0] <= now - s.rate_window_s:
-                state.window.popleft()
-            if len(state.window) >= s.rate_limit:
-                wait = max(1, int(state.window[0] + s.rate_window_s - now) + 1)
+            window = state.windows.setdefault(key, deque())
+            while window and window[0] <= now - s.rate_window_s:
+                window.popleft()
+            if len(window) >= s.rate_limit:
+                wait = max(1, int(window[0] + s.rate_window_s - now) + 1)
                 state.counts["429"] += 1
                 return error(429, "Rate limit exceeded", "rate_limit", {"Retry-After": str(wait)})
-            state.window.append(now)
+            window.append(now)
         for fault in state.faults:
-            if fault.path is None or path.startswith(fault.path):
+            if (fault.path is None or path.startswith(fault.path)) and fault.key in (None, key):
                 fault.count -= 1
                 if fault.count <= 0:
                     state.faults.remove(fault)
@@ -284,6 +293,7 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
             # what a failed task reports it cost: nothing, unless told at once (mock_final)
             "fail_credits": data.get("mock_credits", 0) if final == "failed" else 0,
             "kind": path,
+            "key": request.state.key,  # the account: another key does not see the task
         }
         state.tasks[task_id] = task
         body: dict[str, Any] = {"id": task_id, "status": "pending", "model": data["model"],
@@ -305,7 +315,7 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
         if isinstance(gated, Response):
             return gated
         task = state.tasks.get(task_id)
-        if task is None:
+        if task is None or task["key"] != request.state.key:
             return error(404, "Task not found", "not_found")
         elapsed = time.time() - task["created"]
         body: dict[str, Any] = {"id": task_id, "model": task["model"],
@@ -395,7 +405,7 @@ def create_mock_app(settings: Settings | None = None) -> Starlette:
         state.tasks.clear()
         state.counts.clear()
         state.log.clear()
-        state.window.clear()
+        state.windows.clear()
         for event in state.held:
             event.set()
         state.held.clear()

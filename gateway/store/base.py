@@ -51,6 +51,9 @@ class Verdict(enum.IntEnum):
     IDEM_MISMATCH = 10  # same Idempotency-Key, another body
     CANCELLED = 11  # `cancel` ran first for this ticket: nothing was done
     KEY_BUDGET = 12  # the key's own budget cannot hold the reservation
+    QUEUED = 13  # let through like ADMIT, but waiting for an upstream slot (`Store.claim`)
+    QUEUE_FULL = 14  # the team has `max_waiting` requests waiting for a slot already
+    UNAVAILABLE = 15  # no upstream account is left for this request
 
 
 CANCEL_TTL_MS = 10 * 60 * 1000  # how long a cancelled ticket's tombstone stays
@@ -68,12 +71,61 @@ class CacheRef:
 
 
 @dataclass(frozen=True, slots=True)
-class Pace:
-    """The organisation's upstream allowance: one slot every `interval_ms`, `burst` at once."""
+class AccountPace:
+    """One upstream account's allowance: a slot every `interval_ms` (0: unpaced), `burst` at
+    once; `per_minute` is its limit (for the slots-free meter), `credits` its balance to watch."""
 
+    id: str
     interval_ms: float
     burst: int
-    queue_ms: float
+    per_minute: int | None = None
+    credits: int | None = None  # millicredits
+
+
+@dataclass(frozen=True, slots=True)
+class SlotAsk:
+    """What a request asks of the upstream accounts: a slot on one of `usable` (the accounts
+    of the organisation are `accounts`), in its team's fair share: `weight`, a reserved minimum
+    of one slot every `min_interval_ms` (0: none), at most `max_waiting` of the team's requests
+    waiting, each for at most `queue_ms`."""
+
+    accounts: tuple[AccountPace, ...]
+    usable: tuple[str, ...]
+    weight: float = 1.0
+    min_interval_ms: float = 0.0
+    max_waiting: int = 50
+    queue_ms: float = 10_000.0
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """The store's answer about one request's upstream slot."""
+
+    verdict: Verdict  # ADMIT (granted), QUEUED, PACE, QUEUE_FULL or UNAVAILABLE
+    account: str | None = None  # the account granted
+    wait_s: float = 0.0  # QUEUED: the estimated wait; PACE / QUEUE_FULL: until a retry fits
+    probe: bool = False  # the account granted was out of rotation (no other was left)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A waiting request's turn: granted (`account`), still waiting (`wait_s` estimated), or
+    gone (its place expired, or it left)."""
+
+    account: str | None = None
+    wait_s: float = 0.0
+    gone: bool = False
+    probe: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AccountState:
+    """An upstream account as the store sees it."""
+
+    id: str
+    down_s: float  # until it is back in rotation (0: in rotation)
+    slots_free: int | None  # of its per-minute limit, not used in the last minute (None: unpaced)
+    credits_left: int | None  # millicredits of the balance to watch (None: none set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +161,7 @@ class Admission:
     reservation: Reservation | None = None
     budget_limit: int | None = None  # millicredits; None = no team budget
     key_budget_limit: int | None = None  # millicredits; None = no budget for the key
-    pace: Pace | None = None
+    slot: SlotAsk | None = None  # None: no upstream slot to take (one unpaced account)
     hit_event: bytes | None = None  # ledger context to record if answered from cache
     ledger: LedgerTrim = LedgerTrim()
     served: tuple[bytes, int] | None = None  # (entry, ttl ms) found elsewhere: a hit
@@ -123,7 +175,10 @@ class AdmitResult:
     retry_after_s: float = 0.0
     entry: bytes | None = None
     entry_ttl_s: float = 0.0
-    pace_delay_s: float = 0.0
+    account: str | None = None  # ADMIT: the upstream account whose slot was granted
+    wait_s: float = 0.0  # QUEUED: the estimated wait for a slot
+    probe: bool = False  # the account granted is out of rotation (no other was left)
+    task_account: str | None = None  # a task poll: the account that created the task, if known
     budget_used: int | None = None  # spent + reserved in the period, millicredits
     key_budget_used: int | None = None  # the same for the key's own budget
 
@@ -152,6 +207,7 @@ class Completion:
     release: CacheRef | None = None  # flight lock to release, if still ours
     idempotency: tuple[str, bytes | None, int] | None = None  # (digest, answer or None = drop, ttl)
     task_owner: tuple[str, int] | None = None  # (task id, ttl ms): the team may poll it
+    task_account: str | None = None  # with task_owner: the account the task was created on
     event: bytes | None = None  # a ledger event no reservation stands behind (coalesced)
     ledger: LedgerTrim = LedgerTrim()
     # the reservation itself, when it was made while this store was away (`on_error: open`):
@@ -229,7 +285,29 @@ class Store(Protocol):
         kept it from landing (`StoreError`: try again; anything else: it never will)."""
         ...
     async def cancel(self, admission: Admission) -> None: ...
-    async def pace(self, pace: Pace) -> tuple[bool, float]: ...
+    async def slot(self, team: str, ticket: str, ask: SlotAsk, *,
+                   task_account: str | None = None) -> Slot:
+        """A slot for a request already admitted without one (Redis Cluster's second step; a
+        request moving to another account): granted, queued, or refused."""
+        ...
+    async def claim(self, tickets: Sequence[str], accounts: Sequence[AccountPace], *,
+                    leave: bool = False) -> list[Claim]:
+        """Where waiting requests stand (slots that came free are granted first); with `leave`,
+        those still waiting give up their place."""
+        ...
+    async def pace(self, account: AccountPace, queue_ms: float) -> tuple[bool, float]:
+        """Book `account`'s next slot outside the queue (a retry, a reconciler's poll): (True,
+        seconds to wait for it), or (False, seconds until one would come within `queue_ms`)."""
+        ...
+    async def account_states(self, accounts: Sequence[AccountPace], *,
+                             down: tuple[str, float] | None = None, up: str | None = None,
+                             spend: Sequence[tuple[str, int]] = ()
+                             ) -> tuple[list[AccountState], bool]:
+        """The accounts' states, after taking `down` = (account, seconds) out of rotation,
+        putting `up` back, and counting `spend` = [(account, millicredits)] against their
+        balances; and whether `down` found its account in rotation until then."""
+        ...
+    async def task_account(self, team: str, task_id: str) -> str | None: ...
     async def flight(self, team: str, ref: CacheRef) -> Flight: ...
 
     async def heartbeat(self, process: str, generation: int) -> Processes: ...

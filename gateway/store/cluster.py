@@ -1,13 +1,15 @@
 """Redis Cluster: the same scripts, each kept inside one hash slot.
 
 A team's keys share the `{t:<team>}` slot, an organisation-scoped cache entry and its lock the
-`{c:<digest>}` slot, the upstream pacing key the `{org}` slot. A single Redis runs `admit` as one
-script over all of them; on a cluster, a request whose keys span slots runs one script per slot:
+`{c:<digest>}` slot, the upstream accounts and their queue the `{org}` slot. A single Redis runs
+`admit` as one script over all of them; on a cluster, a request whose keys span slots runs one
+script per slot:
 
 - organisation-scoped cache: `lookup.lua` in the entry's slot first (hit, follow, or take the
   lock), then the team's `admit` without the cache, releasing the lock if the team is refused;
-- upstream pacing: after the team's `admit` let the request through, `pace.lua` in `{org}`; if
-  the allowance is spent, the admission is cancelled (reservation and locks given back).
+- upstream slots: after the team's `admit` let the request through, `slot.lua` in `{org}`
+  (granted, or a place in the queue); if refused, the admission is cancelled (reservation and
+  locks given back).
 
 Each step is atomic in its slot; the steps in between can only over-hold (briefly keep a lock or
 a reservation), never over-spend. Bookkeeping (`finish`, `cancel`) splits the same way.
@@ -43,25 +45,26 @@ class ClusterStore(ScriptStore):
                 "lookup", list(self.keys.cache(a.team, shared)),
                 [orjson.dumps({"ticket": a.ticket, "hold_ms": a.hold_ms})])
             if state == _HIT:  # the team's script answers it, bookkeeping included
-                return await super().admit(replace(a, cache=None, reservation=None, pace=None,
+                return await super().admit(replace(a, cache=None, reservation=None, slot=None,
                                                    served=(entry, max(ttl_ms, 0))))
             if state != _LEAD:  # another request is fetching it: count this one, no more
-                team = await super().admit(replace(a, cache=None, reservation=None, pace=None))
+                team = await super().admit(replace(a, cache=None, reservation=None, slot=None))
                 if team.verdict is not Verdict.ADMIT:
                     return team
                 return replace(team, verdict=Verdict.FOLLOW)
-        result = await super().admit(replace(a, cache=None if shared else a.cache, pace=None))
+        result = await super().admit(replace(a, cache=None if shared else a.cache, slot=None))
         if result.verdict is not Verdict.ADMIT:
             if shared is not None:
                 await self._store_entry(a.team, shared, a.ticket, release=True)
             return result
-        if a.pace is None:
+        if a.slot is None:
             return result
-        booked, wait = await self.pace(a.pace)
-        if not booked:
+        slot = await self.slot(a.team, a.ticket, a.slot, task_account=result.task_account)
+        if slot.verdict not in (Verdict.ADMIT, Verdict.QUEUED):
             await self.cancel(a)
-            return replace(result, verdict=Verdict.PACE, retry_after_s=wait)
-        return replace(result, pace_delay_s=wait)
+            return replace(result, verdict=slot.verdict, retry_after_s=slot.wait_s)
+        return replace(result, verdict=slot.verdict, account=slot.account, wait_s=slot.wait_s,
+                       probe=slot.probe)
 
     async def finish(self, c: Completion) -> Settled:
         ref = c.cache_put[0] if c.cache_put else c.release

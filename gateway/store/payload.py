@@ -7,6 +7,7 @@ remembered answers) travel as raw bytes in ARGV[2..]: they need not be UTF-8.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -16,11 +17,16 @@ from .base import (
     CANCEL_TTL_MS,
     GUARD_TTL_MS,
     IDEMPOTENCY_TTL_MS,
+    AccountPace,
+    AccountState,
     Admission,
     AdmitResult,
+    Claim,
     Completion,
     PendingReservation,
     Settled,
+    Slot,
+    SlotAsk,
     Verdict,
 )
 
@@ -35,10 +41,23 @@ def _ledger(trim: Any) -> dict[str, int]:
     return {"min_ms": trim.min_ms, "max_len": trim.max_len}
 
 
+def accounts(paces: Sequence[AccountPace]) -> list[list[Any]]:
+    """Accounts as lib_slots.lua reads them (no null: it would be truthy in Lua)."""
+    return [[a.id, a.interval_ms, a.burst, a.per_minute or 0,
+             -1 if a.credits is None else a.credits] for a in paces]
+
+
+def slot_ask(ask: SlotAsk) -> dict[str, Any]:
+    return {"accounts": accounts(ask.accounts), "usable": list(ask.usable),
+            "weight": ask.weight, "min_interval_ms": ask.min_interval_ms,
+            "max_waiting": ask.max_waiting, "queue_ms": ask.queue_ms}
+
+
 def admit(a: Admission) -> Args:
     r, idem = a.reservation, a.idempotency
     payload = _pack({
         "ticket": a.ticket,
+        "team": a.team,
         "key": a.key_id,
         "hold_ms": a.hold_ms,
         "count": a.count_quota,
@@ -51,8 +70,7 @@ def admit(a: Admission) -> Args:
                  "context": r.context.decode()} if r else None,
         "budget": a.budget_limit if r else None,
         "key_budget": a.key_budget_limit if r and r.key else None,
-        "pace": {"interval_ms": a.pace.interval_ms, "burst": a.pace.burst,
-                 "queue_ms": a.pace.queue_ms} if a.pace else None,
+        "slot": slot_ask(a.slot) if a.slot else None,
         "hit_event": a.hit_event.decode() if a.hit_event else None,
         "ledger": _ledger(a.ledger),
     })
@@ -60,9 +78,10 @@ def admit(a: Admission) -> Args:
 
 
 def parse_admit(a: Admission, raw: list[Any]) -> AdmitResult:
-    verdict, now_ms, retry_ms, delay_ms, used, key_used, entry, ttl_ms = raw[:8]
+    verdict, now_ms, retry_ms, wait_ms, used, key_used, entry, ttl_ms, account, probe, task = \
+        raw[:11]
     states = tuple(
-        QuotaState(q, int(raw[8 + 2 * i]), raw[9 + 2 * i] / 1000.0)
+        QuotaState(q, int(raw[11 + 2 * i]), raw[12 + 2 * i] / 1000.0)
         for i, q in enumerate(a.quotas)
     )
     return AdmitResult(
@@ -72,10 +91,42 @@ def parse_admit(a: Admission, raw: list[Any]) -> AdmitResult:
         retry_after_s=retry_ms / 1000.0,
         entry=entry or None,
         entry_ttl_s=max(ttl_ms, 0) / 1000.0,
-        pace_delay_s=delay_ms / 1000.0,
+        account=_text(account) if account else None,
+        wait_s=wait_ms / 1000.0,
+        probe=bool(probe),
+        task_account=_text(task) if task else None,
         budget_used=None if used < 0 else int(used),
         key_budget_used=None if key_used < 0 else int(key_used),
     )
+
+
+def parse_slot(raw: list[Any]) -> Slot:
+    verdict, account, wait_ms, probe = raw
+    return Slot(Verdict(verdict), _text(account) if account else None, wait_ms / 1000.0,
+                bool(probe))
+
+
+def parse_claims(raw: list[Any]) -> list[Claim]:
+    out = []
+    for state, account, wait_ms, probe in raw:
+        if state == 1:
+            out.append(Claim(account=_text(account), probe=bool(probe)))
+        else:
+            out.append(Claim(wait_s=max(wait_ms, 0) / 1000.0, gone=state == 2))
+    return out
+
+
+def parse_account_states(raw: list[Any]) -> tuple[list[AccountState], bool]:
+    """The accounts' states, and whether the account taken down was in rotation until then."""
+    states = [AccountState(_text(name), max(down_ms, 0) / 1000.0,
+                           None if free is None else int(free),
+                           None if left is None else int(left))
+              for name, down_ms, free, left in raw[:-1]]
+    return states, bool(raw[-1])
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def finish(c: Completion) -> Args:
@@ -95,6 +146,7 @@ def finish(c: Completion) -> Args:
         "idem": idem_mode,
         "idem_ttl_ms": c.idempotency[2] if c.idempotency else None,
         "owner_ttl_ms": c.task_owner[1] if c.task_owner else None,
+        "task_account": c.task_account if c.task_owner else None,
         "event": c.event.decode() if c.event else None,
         "guard_ms": GUARD_TTL_MS if c.event or c.direct else None,
         "direct": {"period": d.period, "amount": d.amount, "key": d.key,

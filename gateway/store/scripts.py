@@ -17,22 +17,28 @@ import orjson
 from . import hooks, payload
 from .base import (
     FORGET_PROCESS_MS,
+    AccountPace,
+    AccountState,
     Admission,
     AdmitResult,
     BudgetUsage,
     CacheRef,
+    Claim,
     Completion,
     Flight,
     LedgerEntry,
-    Pace,
     PendingReservation,
     Processes,
     Settled,
+    Slot,
+    SlotAsk,
 )
 from .keys import Keys
 
-SCRIPTS = ("admit", "finish", "cancel", "pace", "flight", "lookup", "store_entry", "processes",
-           "lock", "command", "now", *hooks.SCRIPTS)
+SCRIPTS = ("admit", "finish", "cancel", "pace", "slot", "claim", "accounts", "flight", "lookup",
+           "store_entry", "processes", "lock", "command", "now", *hooks.SCRIPTS)
+
+SLOT_KEYS = ("sched", "queue", "due", "waiters", "minq")  # lib_slots.lua's S
 
 Call = tuple[str, Sequence[str], payload.Args]
 
@@ -50,9 +56,10 @@ class Engine(Protocol):
 
 
 def source(name: str) -> str:
-    """A script as it is loaded: lib.lua first (Redis scripts cannot include files)."""
+    """A script as it is loaded: lib.lua and lib_slots.lua first (Redis scripts cannot include
+    files)."""
     lua = resources.files("gateway.store") / "lua"
-    return (lua / "lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+    return "\n".join((lua / f"{part}.lua").read_text() for part in ("lib", "lib_slots", name))
 
 
 class ScriptStore:
@@ -87,6 +94,7 @@ class ScriptStore:
 
     def _admit_keys(self, a: Admission) -> list[str]:
         k, team = self.keys, a.team
+        slots = self._slot_keys() if a.slot else [k.team(team, name) for name in SLOT_KEYS]
         entry_key, flight_key = k.cache(team, a.cache) if a.cache else ("", "")
         return [
             k.team(team, "revoked"),
@@ -97,9 +105,10 @@ class ScriptStore:
             flight_key or k.team(team, "flight"),
             k.team(team, "budget"),
             k.team(team, "resv"),
-            k.org("pace") if a.pace else k.team(team, "pace"),
+            slots[0],
             k.team(team, f"void:{a.ticket}"),
             k.team(team, "ledger"),
+            *slots[1:],
         ]
 
     async def cancel(self, a: Admission) -> None:
@@ -138,10 +147,47 @@ class ScriptStore:
         ]
         return "finish", keys, payload.finish(c)
 
-    async def pace(self, pace: Pace) -> tuple[bool, float]:
-        booked, wait = await self.engine.run("pace", [self.keys.org("pace")], [orjson.dumps(
-            {"interval_ms": pace.interval_ms, "burst": pace.burst, "queue_ms": pace.queue_ms})])
+    # -- upstream slots ----------------------------------------------------------------------
+
+    def _slot_keys(self) -> list[str]:
+        """The upstream schedule and the queue in front of it (lib_slots.lua), in `{org}`."""
+        return [self.keys.org(name) for name in SLOT_KEYS]
+
+    async def slot(self, team: str, ticket: str, ask: SlotAsk, *,
+                   task_account: str | None = None) -> Slot:
+        fields = {"ticket": ticket, "team": team, "slot": payload.slot_ask(ask),
+                  "task_account": task_account}
+        raw = await self.engine.run("slot", self._slot_keys(), [orjson.dumps(
+            {k: v for k, v in fields.items() if v is not None})])
+        return payload.parse_slot(raw)
+
+    async def claim(self, tickets: Sequence[str], accounts: Sequence[AccountPace], *,
+                    leave: bool = False) -> list[Claim]:
+        raw = await self.engine.run("claim", self._slot_keys(), [orjson.dumps(
+            {"tickets": list(tickets), "accounts": payload.accounts(accounts), "leave": leave})])
+        return payload.parse_claims(raw)
+
+    async def pace(self, account: AccountPace, queue_ms: float) -> tuple[bool, float]:
+        booked, wait = await self.engine.run("pace", [self.keys.org("sched")], [orjson.dumps(
+            {"account": payload.accounts([account])[0], "queue_ms": queue_ms})])
         return bool(booked), wait / 1000.0
+
+    async def account_states(self, accounts: Sequence[AccountPace], *,
+                             down: tuple[str, float] | None = None, up: str | None = None,
+                             spend: Sequence[tuple[str, int]] = ()
+                             ) -> tuple[list[AccountState], bool]:
+        fields = {"accounts": payload.accounts(accounts),
+                  "down": [down[0], down[1] * 1000.0] if down else None, "up": up,
+                  "spend": [list(item) for item in spend] or None}
+        raw = await self.engine.run("accounts", [self.keys.org("sched")], [orjson.dumps(
+            {k: v for k, v in fields.items() if v is not None})])
+        return payload.parse_account_states(raw)
+
+    async def task_account(self, team: str, task_id: str) -> str | None:
+        """The account a team's task was created on (its polls go through it), if recorded."""
+        owner = await self._command(self.keys.task(team, task_id), "GET")
+        text = _text(owner) if owner else ""
+        return text.removeprefix("a:") if text.startswith("a:") else None
 
     async def flight(self, team: str, ref: CacheRef) -> Flight:
         entry, ttl, held = await self.engine.run("flight", list(self.keys.cache(team, ref)),

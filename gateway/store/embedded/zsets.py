@@ -1,4 +1,4 @@
-"""Sorted-set commands: ZADD ZREM ZSCORE ZCARD ZRANGEBYSCORE ZPOPMIN.
+"""Sorted-set commands: ZADD ZREM ZSCORE ZCARD ZCOUNT ZRANGEBYSCORE ZPOPMIN.
 
 Members are kept in a list sorted by (score, member), as Redis orders them, next to a dict of
 scores: lookups are O(1), ranges O(log n + m), an insert or removal moves list pointers (O(n),
@@ -141,6 +141,18 @@ def _bound(raw: bytes) -> tuple[float, bool]:
     return value, exclusive
 
 
+def zcount(ks: Keyspace, argv: Argv) -> Reply:
+    low, low_ex = _bound(argv[2])
+    high, high_ex = _bound(argv[3])
+    z = _read(ks, argv[1])
+    if z is None:
+        return 0
+    order = z.order
+    start = (bisect_right if low_ex else bisect_left)(order, low, key=_score)
+    end = (bisect_left if high_ex else bisect_right)(order, high, key=_score)
+    return max(end - start, 0)
+
+
 def zrangebyscore(ks: Keyspace, argv: Argv) -> Reply:
     withscores, offset, limit = False, 0, -1
     j = 4
@@ -195,5 +207,6 @@ def zpopmin(ks: Keyspace, argv: Argv) -> Reply:
 
 COMMANDS: Table = {
     b"zadd": (zadd, -4), b"zrem": (zrem, -3), b"zscore": (zscore, 3), b"zcard": (zcard, 2),
+    b"zcount": (zcount, 4),
     b"zrangebyscore": (zrangebyscore, -4), b"zpopmin": (zpopmin, -2),
 }

@@ -3,29 +3,33 @@
 -- so a refused request never holds a lock, a reservation or a pacing slot.
 --
 -- KEYS  1 revoked set   2 quota hash    3 idempotency hash   4 task owner   5 cache entry
---       6 flight lock   7 budget hash   8 reservations hash  9 upstream pacing
+--       6 flight lock   7 budget hash   8 reservations hash  9 upstream schedule (lib_slots)
 --      10 tombstone of this ticket (see cancel.lua)             11 ledger stream
+--      12 slot queue   13 slot deadlines   14 slot waiters   15 slot minimums queue
 -- ARGV  1 payload   2 a hit already found in another hash slot ('' = none; Redis Cluster)
 -- payload: ticket, key (key id), hold_ms, count (count it against the quotas),
 --   quotas [[field, limit, period ms], ...], idem {fp, ttl_ms}, task (the team must own KEYS[4]),
 --   cache (look up KEYS[5], coalesce on KEYS[6]), served_ttl_ms (ARGV[2]'s ttl),
 --   resv {id, period, amount, key, context}, budget / key_budget (limits, millicredits),
---   pace {interval_ms, burst, queue_ms}, hit_event (ledger context of a hit), ledger {min_ms,
---   max_len}
--- Returns {verdict, now ms, retry ms, pace delay ms, budget used or -1, key budget used or -1,
---          entry or false, entry ttl ms, then (remaining, reset ms) per quota}
+--   slot (an upstream slot to take, see lib_slots.lua), hit_event (ledger context of a hit),
+--   ledger {min_ms, max_len}
+-- Returns {verdict, now ms, retry ms, slot wait ms, budget used or -1, key budget used or -1,
+--          entry or false, entry ttl ms, account granted or false, probe 0/1,
+--          task's account or false, then (remaining, reset ms) per quota}
 
-local ADMIT, HIT, FOLLOW, REPLAY, QUOTA, BUDGET, PACE, NOT_FOUND, REVOKED, IDEM_BUSY, IDEM_MISMATCH,
-      CANCELLED, KEY_BUDGET = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
+local ADMIT, HIT, FOLLOW, REPLAY, QUOTA, BUDGET, NOT_FOUND, REVOKED, IDEM_BUSY, IDEM_MISMATCH,
+      CANCELLED, KEY_BUDGET = 0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12
 
 local ticket, hold = p.ticket, p.hold_ms
 local quotas = p.quotas or {}
 local nq = #quotas
 local idem = p.idem
 
+local granted, probe, task_account = false, 0, false
+
 local function reply(verdict, retry, delay, used, key_used, entry, ttl, states)
   local out = {verdict, now, math.ceil(retry or 0), math.ceil(delay or 0), used or -1,
-               key_used or -1, entry or false, ttl or 0}
+               key_used or -1, entry or false, ttl or 0, granted, probe, task_account}
   for q = 1, nq do
     out[#out + 1] = states[q][1]
     out[#out + 1] = math.ceil(states[q][2])
@@ -104,9 +108,13 @@ if not quota_ok then
   return reply(QUOTA, quota_retry, 0, nil, nil, nil, 0, states)
 end
 
-if p.task and redis.call('EXISTS', KEYS[4]) == 0 then
-  count()
-  return reply(NOT_FOUND, 0, 0, nil, nil, nil, 0, states)
+if p.task then
+  local owner = redis.call('GET', KEYS[4])
+  if not owner then
+    count()
+    return reply(NOT_FOUND, 0, 0, nil, nil, nil, 0, states)
+  end
+  task_account = string.match(owner, '^a:(.+)$') or false  -- '1': before accounts were kept
 end
 
 -- a cache hit is answered now and all its bookkeeping done here: one round trip
@@ -160,14 +168,18 @@ if r then
   end
 end
 
-local delay = 0
-if p.pace then
-  local booked, wait = pace(KEYS[9], p.pace.interval_ms, p.pace.burst, p.pace.queue_ms)
-  if not booked then
+local slot, verdict, delay = nil, ADMIT, 0
+if p.slot then
+  local S = {sched = KEYS[9], queue = KEYS[12], due = KEYS[13], waiters = KEYS[14],
+             minq = KEYS[15]}
+  slot = decide_slot(S, ticket, p.team, p.slot, task_account or nil)
+  if slot.verdict ~= SLOT_ADMIT and slot.verdict ~= SLOT_QUEUED then
     count()
-    return reply(PACE, wait, 0, used, key_used, nil, 0, states)
+    return reply(slot.verdict, slot.wait, 0, used, key_used, nil, 0, states)
   end
-  delay = wait
+  place_slot(S, slot)
+  verdict, delay, granted = slot.verdict, slot.wait, slot.account or false
+  probe = slot.probe and 1 or 0
 end
 
 count()
@@ -179,4 +191,4 @@ if r then
   if used then used = used + r.amount end
   if key_used then key_used = key_used + r.amount end
 end
-return reply(ADMIT, 0, delay, used, key_used, nil, 0, states)
+return reply(verdict, 0, delay, used, key_used, nil, 0, states)

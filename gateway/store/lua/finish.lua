@@ -9,6 +9,7 @@
 -- payload: ticket, settle ('charge' | 'refund' | 'hold'), rid (the reservation), charge
 --   (millicredits; absent = as reserved), hold_id, hold_ms, cache_ttl_ms (store ARGV[2]),
 --   release (the flight lock), idem ('done' | 'drop'), idem_ttl_ms, owner_ttl_ms (KEYS[7]),
+--   task_account (kept in KEYS[7]: the account the task's polls go through),
 --   event (a ledger event without reservation), guard_ms, ledger {min_ms, max_len},
 --   direct {period, amount, key, context}: the reservation, made while this store was away
 --   (`store.on_error: open`), settled here as if it had been held, once per ticket (KEYS[8])
@@ -69,7 +70,8 @@ if p.idem and redis.call('HGET', KEYS[6], 'owner') == p.ticket then
   end
 end
 if p.owner_ttl_ms then
-  redis.call('SET', KEYS[7], '1', 'PX', p.owner_ttl_ms)
+  local owner = p.task_account and 'a:' .. p.task_account or '1'
+  redis.call('SET', KEYS[7], owner, 'PX', p.owner_ttl_ms)
 end
 if p.event and first_time() then
   record(KEYS[3], p.ledger, p.event)

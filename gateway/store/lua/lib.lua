@@ -6,19 +6,6 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local p = cjson.decode(ARGV[1])
 
--- Book the next upstream slot (GCRA): returns true, delay ms to wait before sending; or
--- false, ms until a request would be queued no longer than `queue`.
-local function pace(key, interval, burst, queue)
-  local tat = tonumber(redis.call('GET', key)) or now
-  if tat < now then tat = now end
-  local delay = tat - (burst - 1) * interval - now
-  if delay < 0 then delay = 0 end
-  if delay > queue then return false, delay - queue end
-  redis.call('SET', key, string.format('%.3f', tat + interval),
-             'PX', math.ceil(tat + interval - now + burst * interval) + 1000)
-  return true, delay
-end
-
 -- A reservation as the reservations hash keeps it: "deadline|period|amount|key|context".
 local function reservation(deadline, period, amount, key, context)
   return string.format('%d|%s|%d|%s|%s', deadline, period, amount, key, context)
