@@ -93,6 +93,7 @@ class Pair:
         self.now = 0.0
         self.ours = EmbeddedRedis(clock=lambda: self.now)
         self.synced_ms = 0
+        self.lag_ms = 0
 
     def sync(self) -> None:
         """The embedded clock := Redis's clock, now."""
@@ -100,14 +101,22 @@ class Pair:
         self.now = int(seconds) + int(micros) / 1e6
         self.synced_ms = int(seconds) * 1000 + int(micros) // 1000
 
-    def slack(self) -> int:
-        """Milliseconds since the last sync: how far apart the two clocks may have read."""
+    def lagged(self) -> None:
+        """Note how long after the last sync Redis ran the last command: an expiry set then
+        is later in Redis than in ours by up to that much."""
         seconds, micros = self.raw("TIME")
-        return int(seconds) * 1000 + int(micros) // 1000 - self.synced_ms + 2
+        self.lag_ms = max(self.lag_ms, int(seconds) * 1000 + int(micros) // 1000 - self.synced_ms)
+
+    def slack(self) -> int:
+        """How far apart a TTL may read: the lag when its expiry was set, or now, at most."""
+        self.lagged()
+        return self.lag_ms + 2
 
     def command(self, *args: Any) -> tuple[Any, Any]:
         self.sync()
-        return norm(capture(lambda: self.ours.execute(*args))), norm(self.raw(*args))
+        replies = norm(capture(lambda: self.ours.execute(*args))), norm(self.raw(*args))
+        self.lagged()
+        return replies
 
     def script(self, source: str, keys: tuple[Any, ...] = (),
                args: tuple[Any, ...] = ()) -> tuple[Any, Any]:
@@ -118,7 +127,9 @@ class Pair:
         assert sha == loaded.decode()
         self.sync()
         ours = norm(capture(lambda: self.ours.evalsha(sha, keys, args)))
-        return ours, norm(self.raw("EVALSHA", sha, len(keys), *keys, *args))
+        theirs = norm(self.raw("EVALSHA", sha, len(keys), *keys, *args))
+        self.lagged()
+        return ours, theirs
 
     def close(self) -> None:
         self.raw.close()

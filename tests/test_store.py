@@ -442,8 +442,11 @@ def test_redis_down_raises_store_error(private_redis: RedisServer) -> None:
     async def body(store: Store) -> None:
         assert (await store.admit(admission())).verdict is Verdict.ADMIT
         private_redis.stop()
-        with pytest.raises(StoreError):
+        with pytest.raises(StoreError):  # on the connection the server closed: it may have run
             await store.admit(admission("down"))
+        with pytest.raises(StoreError) as refused:
+            await store.admit(admission("down"))
+        assert not refused.value.maybe_ran  # refused a new connection: nothing to cancel later
         private_redis.start()
         # scripts are gone after the restart: they are loaded again on demand
         assert (await store.admit(admission("back"))).verdict is Verdict.ADMIT
