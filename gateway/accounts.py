@@ -21,7 +21,7 @@ from . import config as cfg
 from .budget import from_milli, to_milli
 from .metrics import Metrics
 from .store import Store, StoreError
-from .store.base import AccountPace, SlotAsk
+from .store.base import AccountPace, AccountState, SlotAsk
 
 log = logging.getLogger("gateway")
 
@@ -89,7 +89,7 @@ class Health:
         accounts = self._accounts()
         try:
             _, was_up = await self._store.account_states(
-                accounts.paces, down=(account, accounts.down_s))
+                accounts.paces, down=(account, accounts.down_s, status))
         except StoreError:
             self._metrics.store_errors.labels("accounts").inc()
             was_up = True
@@ -128,10 +128,16 @@ class Health:
                 self._spent[account] = self._spent.get(account, 0) + amount
             raise
 
+    async def states(self) -> list[AccountState]:
+        """Every account's state as the store holds it for all replicas, in the config's
+        order."""
+        states, _ = await self._store.account_states(self._accounts().paces)
+        return states
+
     async def refresh(self) -> None:
         """The accounts' gauges, from the store (every replica reports the same)."""
         paces = self._accounts().paces
-        states, _ = await self._store.account_states(paces)
+        states = await self.states()
         m = self._metrics
         for pace, state in zip(paces, states, strict=True):
             m.upstream_account_up.labels(pace.id).set(0 if state.down_s > 0 else 1)

@@ -12,6 +12,8 @@
     DELETE /admin/v1/cache                       flush the cache (?route=...&team=...)
     POST   /admin/v1/reload                      re-read the config file, on every process
     GET    /admin/v1/audit                       who did what: admin actions, config changes
+    GET    /admin/v1/accounts                    each upstream account: in rotation or out
+                                                 (until when, why), limits, teams, use, credits
     GET    /admin/v1/webhooks/failed             task webhooks given up, oldest first, paged
                                                  (?after=<cursor>&limit=)
     POST   /admin/v1/webhooks/{id}/redeliver     put a failed webhook back to work
@@ -33,14 +35,14 @@ from . import audit
 from . import routes as api_routes
 from .auth import TeamKey, timestamp
 from .budget import from_milli, period_end, period_id, to_milli
-from .config import ConfigError, Key
+from .config import ConfigError, Key, UpstreamAccount, accounts_of
 from .errors import InvalidRequest, NotFound, StoreUnavailable
 from .ledger import LedgerDB, LedgerUnavailable
 from .ledger.report import group, parse_by
 from .ledger.report import usage as ledger_usage
 from .runtime import Runtime
 from .store import StoreError
-from .store.base import BudgetUsage
+from .store.base import AccountState, BudgetUsage
 
 PREFIX = "/admin/v1"
 _ENTRY_ID = re.compile(r"[0-9]{1,15}-[0-9]{1,19}")  # patterns are used with fullmatch
@@ -60,6 +62,7 @@ def routes() -> list[BaseRoute]:
         Route(f"{PREFIX}/cache", flush_cache, methods=["DELETE"]),
         Route(f"{PREFIX}/reload", reload, methods=["POST"]),
         Route(f"{PREFIX}/audit", audit_log, methods=["GET"]),
+        Route(f"{PREFIX}/accounts", upstream_accounts, methods=["GET"]),
         Route(f"{PREFIX}/webhooks/failed", webhooks_failed, methods=["GET"]),
         Route(f"{PREFIX}/webhooks/{{hook_id}}/redeliver", redeliver_webhook, methods=["POST"]),
     ]
@@ -313,6 +316,42 @@ async def audit_log(request: Request) -> Response:
     out = [{"id": e.id, "time_ms": int(e.id.split("-", 1)[0]), **orjson.loads(e.event)}
            for e in entries]
     return _json({"entries": out, "next": out[-1]["id"] if len(out) == limit else None})
+
+
+_OUT_BECAUSE = {401: "the upstream refused its key", 402: "its credits are exhausted"}
+
+
+async def upstream_accounts(request: Request) -> Response:
+    """The upstream accounts as every replica sees them (the store's state), never their keys:
+    in rotation or out (until when, why), limits, teams, recent use, the balance watched."""
+    runtime = _authorize(request)
+    now = runtime.clock()
+    counted = runtime.policy.accounts.only is None  # one unpaced account takes no slots
+    states = {s.id: s for s in await _store(runtime.health.states())}
+    return _json({"accounts": [_account(a, states[a.id], now, counted=counted)
+                               for a in accounts_of(runtime.policy.config.upstream)]})
+
+
+def _account(account: UpstreamAccount, state: AccountState, now: float, *,
+             counted: bool) -> dict[str, Any]:
+    out = None
+    if state.down_s > 0:
+        status = state.down_status
+        out = {"until": _time_ms(int((now + state.down_s) * 1000)), "status": status,
+               "reason": _OUT_BECAUSE.get(status or 0, "refused by the upstream")}
+    credits = None
+    if account.credits is not None and state.credits_left is not None:
+        credits = {"balance": account.credits, "remaining": from_milli(state.credits_left)}
+    return {
+        "id": account.id,
+        "in_rotation": out is None,
+        "out_of_rotation": out,
+        "requests_per_minute": account.requests_per_minute,
+        "burst": account.burst,
+        "teams": list(account.teams) if account.teams is not None else None,
+        "slots_used_last_minute": state.slots_used if counted else None,
+        "credits": credits,
+    }
 
 
 async def webhooks_failed(request: Request) -> Response:

@@ -426,6 +426,12 @@ def _admin_paths() -> Json:
                  "description": "Only this team's entries.", "schema": {"type": "string"}},
             ],
         )},
+        f"{ADMIN}/accounts": {"get": _admin_operation(
+            "listUpstreamAccounts", "Each upstream account as every replica sees it: in "
+            "rotation or taken out (until when, and why: 401 or 402), its limits, the teams it "
+            "is kept for, its slots in the last minute and the balance watched; never its key",
+            _admin_ok("#/components/schemas/UpstreamAccounts"), _admin_errors(503),
+        )},
         f"{ADMIN}/webhooks/failed": {"get": _admin_operation(
             "listFailedWebhooks", "Task webhooks given up (after their retries, or at once when "
             "no retry could help), oldest first, paged",
@@ -856,6 +862,53 @@ def _schemas() -> Json:
                 "rows": {"type": "array", "items": {"type": "array", "items": {
                     "oneOf": [string, number]}}},
             },
+        },
+        "UpstreamAccounts": {
+            "type": "object",
+            "required": ["accounts"],
+            "properties": {"accounts": {"type": "array", "items": {
+                "type": "object",
+                "required": ["id", "in_rotation", "out_of_rotation", "requests_per_minute",
+                             "burst", "teams", "slots_used_last_minute", "credits"],
+                "properties": {
+                    "id": {"type": "string",
+                           "description": "`default` for the one `upstream.api_key`."},
+                    "in_rotation": {"type": "boolean"},
+                    "out_of_rotation": {
+                        "type": "object", "nullable": True,
+                        "description": "Why and until when the account is out of rotation; "
+                                       "null while it is in.",
+                        "required": ["until", "status", "reason"],
+                        "properties": {
+                            "until": {"type": "string", "format": "date-time",
+                                      "description": "Back in rotation then (or sooner, when "
+                                                     "a request that had no other account "
+                                                     "left goes through it)."},
+                            "status": {"type": "integer", "nullable": True,
+                                       "description": "The upstream's answer that took it "
+                                                      "out: 401 (key) or 402 (credits)."},
+                            "reason": {"type": "string"},
+                        },
+                    },
+                    "requests_per_minute": {"type": "integer", "nullable": True,
+                                            "description": "null: unpaced."},
+                    "burst": {"type": "integer"},
+                    "teams": {"type": "array", "items": {"type": "string"}, "nullable": True,
+                              "description": "The teams it is kept for; null: every team."},
+                    "slots_used_last_minute": {
+                        "type": "integer", "nullable": True, "minimum": 0,
+                        "description": "Upstream slots granted through it in the last 60 s, "
+                                       "an estimate (a sliding window); null for the one "
+                                       "unpaced account, which takes no slots."},
+                    "credits": {
+                        "type": "object", "nullable": True,
+                        "description": "The balance watched (`credits`) and what is left of "
+                                       "it; null when none is set.",
+                        "required": ["balance", "remaining"],
+                        "properties": {"balance": number, "remaining": number},
+                    },
+                },
+            }}},
         },
         "FailedWebhooks": {
             "type": "object",

@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -200,6 +201,70 @@ def test_credits_spent_through_an_account_count_down_its_balance(
     assert metric(text, "gateway_upstream_account_balance_remaining", account="a") == 993
     assert metric(text, "gateway_upstream_account_balance", account="a") == 1000
     assert metric(text, "gateway_upstream_account_spent_total", account="a") == 7
+
+
+# -- the admin view ------------------------------------------------------------------------------
+
+
+def admin_accounts(gateway: RunningGateway) -> dict[str, dict[str, Any]]:
+    answer = gateway.admin("GET", "accounts")
+    assert answer.status_code == 200, answer.text
+    for secret in (KEY_A, KEY_B):
+        assert secret not in answer.text
+    return {a["id"]: a for a in answer.json()["accounts"]}
+
+
+def test_the_admin_view_lists_each_account_with_its_limits_use_and_balance(
+        make_gateway: GatewayFactory, store_url: str, accounts_mock: Mock) -> None:
+    upstream = two_accounts(240)
+    upstream["accounts"][0]["credits"] = 1000
+    upstream["accounts"][1].update(burst=3, teams=["marketing"])
+    gateway = make_gateway(store_url, upstream=upstream)
+    assert [gateway.chat(f"m{i}", team="marketing", extra={"mock_credits": 1}).status_code
+            for i in range(4)] == [200] * 4
+    assert gateway.chat("r", extra={"mock_credits": 7}).status_code == 200  # through a
+    gateway.drain()
+    runtime = gateway.runtime
+    asyncio.run_coroutine_threadsafe(runtime.health.flush(), runtime.loop).result(10)
+    used = Counter(accounts_seen(accounts_mock))
+    assert used["a"] >= 1 and used["b"] >= 1 and sum(used.values()) == 5
+    assert admin_accounts(gateway) == {
+        "a": {"id": "a", "in_rotation": True, "out_of_rotation": None,
+              "requests_per_minute": 240, "burst": 1, "teams": None,
+              "slots_used_last_minute": used["a"],
+              "credits": {"balance": 1000, "remaining": 1000 - 7 - (used["a"] - 1)}},
+        "b": {"id": "b", "in_rotation": True, "out_of_rotation": None,
+              "requests_per_minute": 240, "burst": 3, "teams": ["marketing"],
+              "slots_used_last_minute": used["b"], "credits": None},
+    }
+
+
+def test_the_admin_view_shows_an_account_out_of_rotation_until_when_and_why(
+        make_gateway: GatewayFactory, store_url: str, accounts_mock: Mock) -> None:
+    gateway = make_gateway(store_url, upstream=two_accounts(account_down_s=600))
+    accounts_mock.fault(status=402, key=KEY_A, count=100)
+    assert gateway.chat("moved to b").status_code == 200
+    accounts = admin_accounts(gateway)
+    assert accounts["b"]["in_rotation"] and accounts["b"]["out_of_rotation"] is None
+    out = accounts["a"]["out_of_rotation"]
+    assert not accounts["a"]["in_rotation"]
+    assert (out["status"], out["reason"]) == (402, "its credits are exhausted")
+    until = datetime.fromisoformat(out["until"]).timestamp()
+    assert time.time() + 590 < until <= time.time() + 600
+
+    accounts_mock.fault(status=401, key=KEY_B, count=100)
+    assert gateway.chat("none left").status_code == 503
+    out = admin_accounts(gateway)["b"]["out_of_rotation"]
+    assert (out["status"], out["reason"]) == (401, "the upstream refused its key")
+
+
+def test_the_admin_view_of_the_one_key(gateway: RunningGateway) -> None:
+    """`upstream.api_key` is one account, `default`; unpaced and alone, it takes no slots."""
+    assert gateway.chat("one").status_code == 200
+    (account,) = gateway.admin("GET", "accounts").json()["accounts"]
+    assert account == {"id": "default", "in_rotation": True, "out_of_rotation": None,
+                       "requests_per_minute": None, "burst": 1, "teams": None,
+                       "slots_used_last_minute": None, "credits": None}
 
 
 # -- waiting for a slot --------------------------------------------------------------------------

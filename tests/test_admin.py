@@ -36,6 +36,7 @@ from .test_proxy import error_of, wait_ledger
 @pytest.mark.parametrize(("method", "path"), [
     ("GET", "teams"), ("GET", "teams/research/ledger"), ("GET", "keys"),
     ("POST", "keys/research-key/revoke"), ("DELETE", "cache"), ("POST", "reload"),
+    ("GET", "accounts"),
 ])
 def test_admin_needs_an_admin_key(gateway: RunningGateway, authorization: str | None,
                                   status: int, kind: str, method: str, path: str) -> None:

@@ -448,7 +448,8 @@ EVERYTHING: dict[str, Any] = {  # every optional template on
 
 @needs_helm
 def test_helm_lint_is_clean() -> None:
-    for chart_values in ({"upstream": {"apiKey": API_KEY}}, EVERYTHING):
+    with_accounts = {"upstream": {"accounts": ACCOUNTS}, "config": TEAMS}
+    for chart_values in ({"upstream": {"apiKey": API_KEY}}, EVERYTHING, with_accounts):
         report = helm("lint", chart_values, kube_version="v1.23.0")
         problems = [m for m in report["messages"] if m["severity"] >= 2]  # warnings and errors
         assert not problems and not report["errors"], report
@@ -537,6 +538,67 @@ def test_helm_existing_secrets_for_key_and_redis_url() -> None:
     assert config.store.url == url
 
 
+ACCOUNT_KEY = "aio_deploy_account_SECRET_a41c07"
+ACCOUNTS: list[dict[str, Any]] = [
+    {"id": "main", "apiKey": ACCOUNT_KEY, "requests_per_minute": 120, "burst": 2,
+     "credits": 50000},
+    {"id": "research-2", "existingSecret": "org-apiinone", "existingSecretKey": "research",
+     "requests_per_minute": None, "teams": ["research"]},
+]
+TEAMS = {"teams": {"research": {"keys": [{"id": "r", "sha256": "0" * 64}]}}}
+
+
+@needs_helm
+def test_helm_upstream_accounts_reach_the_gateway_each_from_its_secret() -> None:
+    """Each account's key reaches the pods (and the migration Job) as APIINONE_API_KEY_<ID>
+    from the chart's Secret or yours; the config reads it as ${VAR}, with the account's limits
+    and teams, and passes the gateway's own validation."""
+    m = render(upstream={"accounts": copy.deepcopy(ACCOUNTS)}, config=TEAMS,
+               ledger={"url": "postgresql://u:p@db/aio"})
+    (secret,) = [s for s in m["Secret"] if not s["metadata"]["name"].endswith("-ledger")]
+    assert set(secret["data"]) == {"account-main"}  # no api-key: there is no single key
+    assert base64.b64decode(secret["data"]["account-main"]).decode() == ACCOUNT_KEY
+    (migrate,) = only(m, "Job")["spec"]["template"]["spec"]["containers"]
+    for env in (container(m)["env"], migrate["env"]):
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e}
+        assert "APIINONE_API_KEY" not in refs
+        assert refs["APIINONE_API_KEY_MAIN"] == {"name": secret["metadata"]["name"],
+                                                 "key": "account-main"}
+        assert refs["APIINONE_API_KEY_RESEARCH_2"] == {"name": "org-apiinone", "key": "research"}
+    assert ACCOUNT_KEY not in json.dumps(m)
+    text = rendered_config(m)
+    assert "${APIINONE_API_KEY_MAIN}" in text and "${APIINONE_API_KEY_RESEARCH_2}" in text
+    other = "aio_deploy_account_OTHER_99e2b1"
+    config = cfg.parse(text, env={"APIINONE_API_KEY_MAIN": ACCOUNT_KEY,
+                                  "APIINONE_API_KEY_RESEARCH_2": other,
+                                  "AIO_GATEWAY_LEDGER_URL": "postgresql://u:p@db/aio"})
+    assert config.upstream.api_key == ""
+    assert config.upstream.accounts == (
+        cfg.UpstreamAccount("main", ACCOUNT_KEY, 120, 2, 50000, None),
+        cfg.UpstreamAccount("research-2", other, None, 1, None, ("research",)))
+    with pytest.raises(cfg.ConfigError, match=re.escape("upstream.accounts[1].api_key")):
+        cfg.parse(text, env={"APIINONE_API_KEY_MAIN": ACCOUNT_KEY,
+                             "AIO_GATEWAY_LEDGER_URL": "postgresql://u:p@db/aio"})
+
+    # every key in a Secret you manage: the chart makes none
+    mine = render(upstream={"accounts": [ACCOUNTS[1]]}, config=TEAMS)
+    assert "Secret" not in mine
+    assert len(cfg.parse(rendered_config(mine), env={
+        "APIINONE_API_KEY_RESEARCH_2": other}).upstream.accounts) == 1
+
+
+@needs_helm
+def test_helm_a_new_account_key_rolls_the_pods() -> None:
+    def secret_checksum(accounts: list[dict[str, Any]]) -> str:
+        m = render(upstream={"accounts": accounts}, config=TEAMS)
+        annotations = only(m, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+        return annotations["checksum/secret"]  # type: ignore[no-any-return]
+
+    rotated = copy.deepcopy(ACCOUNTS)
+    rotated[0]["apiKey"] = ACCOUNT_KEY + "-rotated"
+    assert secret_checksum(copy.deepcopy(ACCOUNTS)) != secret_checksum(rotated)
+
+
 @needs_helm
 def test_helm_ledger_url_reaches_the_gateway_and_its_migration_only_through_a_secret() -> None:
     url = "postgresql://gateway:pg_SECRET_77@postgres.data:5432/aio?sslmode=require"
@@ -575,6 +637,25 @@ def test_helm_refuses_what_cannot_work() -> None:
         ({"upstream": {"apiKey": ""}}, "upstream.existingSecret"),
         ({"config": {"ledger": {"url": "postgresql://u:p@db/aio"}}}, "ledger.existingSecret"),
         ({"ledger": {"url": "postgresql://u:p@db/aio", "existingSecret": "s"}}, "not both"),
+        ({"upstream": {"apiKey": API_KEY, "accounts": [{"id": "a", "apiKey": API_KEY}]}},
+         "set upstream.accounts or the one key (upstream.apiKey or upstream.existingSecret), "
+         "not both"),
+        ({"upstream": {"existingSecret": "s", "accounts": [{"id": "a", "apiKey": API_KEY}]}},
+         "not both"),
+        ({"upstream": {"accounts": [{"id": "a"}]}}, "upstream.accounts[0]: set apiKey"),
+        ({"upstream": {"accounts": [{"id": "a", "apiKey": API_KEY, "existingSecret": "s",
+                                     "existingSecretKey": "k"}]}},
+         "upstream.accounts[0]: set apiKey"),
+        ({"upstream": {"accounts": [{"id": "a", "existingSecret": "s"}]}},
+         "upstream.accounts[0].existingSecretKey"),
+        ({"upstream": {"accounts": [{"id": "a", "apiKey": API_KEY, "api_key": API_KEY}]}},
+         "upstream.accounts[0].api_key must not be set"),
+        ({"upstream": {"accounts": [{"apiKey": API_KEY}]}}, "upstream.accounts[0].id"),
+        ({"upstream": {"accounts": [{"id": "a-b", "apiKey": API_KEY},
+                                    {"id": "A.b", "apiKey": API_KEY + "2"}]}},
+         "upstream.accounts[1].id: its key's environment variable APIINONE_API_KEY_A_B"),
+        ({"upstream": {"accounts": [{"id": "a", "apiKey": API_KEY}]},
+          "config": {"upstream": {"accounts": []}}}, "config.upstream.accounts must not be set"),
     ]
     for chart_values, message in refused:
         with pytest.raises(HelmError, match=re.escape(message)):

@@ -632,7 +632,7 @@ async def _store_walk(store: ScriptStore) -> list[Verdict]:
     await store.slot("u", "moved", replace(pace, usable=("spare",), weight=3))
     await store.slot("u", "moved2", replace(pace, usable=("spare",), min_interval_ms=1000.0))
     await store.claim(["p1", "moved2"], accounts, leave=True)
-    await store.account_states(accounts, down=("main", 60.0))
+    await store.account_states(accounts, down=("main", 60.0, 402))
     await store.account_states(accounts, up="main", spend=[("main", 1500), ("spare", 10)])
     await store.pace(accounts[1], 10**6)
     await store.revoke("t", "k", True)

@@ -182,18 +182,21 @@ def test_an_account_out_of_rotation_gets_nothing_until_nothing_else_is_left(
     async def body(store: Store, _: Clock | None) -> None:
         accounts = (AccountPace("a", 0.0, 1), AccountPace("b", 0.0, 1))  # unpaced
         sim = Sim(store, None, accounts)
-        (states, was_up) = await store.account_states(accounts, down=("a", 600.0))
+        (states, was_up) = await store.account_states(accounts, down=("a", 600.0, 402))
         assert was_up and states[0].down_s > 0 and states[1].down_s == 0
-        _, again = await store.account_states(accounts, down=("a", 600.0))
+        assert (states[0].down_status, states[1].down_status) == (402, None)
+        _, again = await store.account_states(accounts, down=("a", 600.0, 402))
         assert not again  # already out: said once
         for _ in range(4):
             await sim.send("t", ask(accounts))
         assert {g.account for g in sim.grants} == {"b"}
-        await store.account_states(accounts, down=("b", 600.0))
+        states, _ = await store.account_states(accounts, down=("b", 600.0, 401))
+        assert [(s.down_status, s.slots_used) for s in states] == [(402, 0), (401, 4)]
         result = await store.admit(Admission(team="t", key_id="k", ticket="probe",
                                              hold_ms=1000, slot=ask(accounts)))
         assert result.verdict is Verdict.ADMIT and result.probe  # nothing else is left
-        await store.account_states(accounts, up="a")
+        states, _ = await store.account_states(accounts, up="a")
+        assert (states[0].down_s, states[0].down_status) == (0, None)
         result = await store.admit(Admission(team="t", key_id="k", ticket="back",
                                              hold_ms=1000, slot=ask(accounts)))
         assert (result.account, result.probe) == ("a", False)

@@ -426,7 +426,8 @@ def test_a_dead_store_conforms(private_redis: RedisServer, make_gateway: Gateway
         private_redis.start()  # the failed admissions' cancels land, and shutdown is quick
 
 
-def test_the_admin_api_conforms(make_gateway: GatewayFactory, tmp_path: Path) -> None:
+def test_the_admin_api_conforms(make_gateway: GatewayFactory, mock: Mock,
+                                tmp_path: Path) -> None:
     gateway = make_gateway(teams=fuzz_teams())
     for i in range(3):
         assert gateway.chat(f"entry {i}").status_code == 200
@@ -461,6 +462,12 @@ def test_the_admin_api_conforms(make_gateway: GatewayFactory, tmp_path: Path) ->
     assert conforms(gateway.admin("DELETE", "cache", params={"route": "x"})).status_code == 400
     assert conforms(gateway.admin("DELETE", "cache", params={"team": "x"})).status_code == 404
     assert conforms(gateway.admin("POST", "reload")).status_code == 400  # no config file
+    (account,) = conforms(gateway.admin("GET", "accounts")).json()["accounts"]
+    assert account["id"] == "default" and account["in_rotation"] is True
+    mock.fault(status=402)  # the one account's credits are gone: out of rotation
+    assert gateway.chat("no credits").status_code == 503
+    (account,) = conforms(gateway.admin("GET", "accounts")).json()["accounts"]
+    assert account["out_of_rotation"]["status"] == 402
 
     for authorization, status in ((None, 401), (f"Bearer {KEYS['research']}", 403)):
         headers = {"Authorization": authorization} if authorization else {}

@@ -126,6 +126,8 @@ class AccountState:
     down_s: float  # until it is back in rotation (0: in rotation)
     slots_free: int | None  # of its per-minute limit, not used in the last minute (None: unpaced)
     credits_left: int | None  # millicredits of the balance to watch (None: none set)
+    down_status: int | None = None  # while out of rotation: the status that took it out
+    slots_used: int = 0  # slots granted through it in the last minute (a sliding estimate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,12 +302,13 @@ class Store(Protocol):
         seconds to wait for it), or (False, seconds until one would come within `queue_ms`)."""
         ...
     async def account_states(self, accounts: Sequence[AccountPace], *,
-                             down: tuple[str, float] | None = None, up: str | None = None,
-                             spend: Sequence[tuple[str, int]] = ()
+                             down: tuple[str, float, int] | None = None,
+                             up: str | None = None, spend: Sequence[tuple[str, int]] = ()
                              ) -> tuple[list[AccountState], bool]:
-        """The accounts' states, after taking `down` = (account, seconds) out of rotation,
-        putting `up` back, and counting `spend` = [(account, millicredits)] against their
-        balances; and whether `down` found its account in rotation until then."""
+        """The accounts' states, after taking `down` = (account, seconds, the upstream status
+        that refused it) out of rotation, putting `up` back, and counting `spend` = [(account,
+        millicredits)] against their balances; and whether `down` found its account in
+        rotation until then."""
         ...
     async def task_account(self, team: str, task_id: str) -> str | None: ...
     async def flight(self, team: str, ref: CacheRef) -> Flight: ...

@@ -120,8 +120,9 @@ def parse_account_states(raw: list[Any]) -> tuple[list[AccountState], bool]:
     """The accounts' states, and whether the account taken down was in rotation until then."""
     states = [AccountState(_text(name), max(down_ms, 0) / 1000.0,
                            None if free is None else int(free),
-                           None if left is None else int(left))
-              for name, down_ms, free, left in raw[:-1]]
+                           None if left is None else int(left),
+                           None if why is None else int(why), int(used))
+              for name, down_ms, why, free, left, used in raw[:-1]]
     return states, bool(raw[-1])
 
 

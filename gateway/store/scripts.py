@@ -173,11 +173,11 @@ class ScriptStore:
         return bool(booked), wait / 1000.0
 
     async def account_states(self, accounts: Sequence[AccountPace], *,
-                             down: tuple[str, float] | None = None, up: str | None = None,
-                             spend: Sequence[tuple[str, int]] = ()
+                             down: tuple[str, float, int] | None = None,
+                             up: str | None = None, spend: Sequence[tuple[str, int]] = ()
                              ) -> tuple[list[AccountState], bool]:
         fields = {"accounts": payload.accounts(accounts),
-                  "down": [down[0], down[1] * 1000.0] if down else None, "up": up,
+                  "down": [down[0], down[1] * 1000.0, down[2]] if down else None, "up": up,
                   "spend": [list(item) for item in spend] or None}
         raw = await self.engine.run("accounts", [self.keys.org("sched")], [orjson.dumps(
             {k: v for k, v in fields.items() if v is not None})])

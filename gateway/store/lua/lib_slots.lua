@@ -2,6 +2,7 @@
 -- script after lib.lua). Organisation-wide state, in the `{org}` hash slot:
 --   sched (hash)    a:<id>:tat   the account's GCRA theoretical arrival time (ms)
 --                   a:<id>:down  ms until which it is out of rotation (it refused its key)
+--                   a:<id>:why   the upstream status that took it out (401, 402)
 --                   a:<id>:used  "minute|count|count the minute before": slots granted, to
 --                                estimate those of the last 60 s (a sliding window)
 --                   a:<id>:bal, a:<id>:spent  the balance to watch, and what was spent since

@@ -65,9 +65,29 @@ metrics-token
 {{- end }}
 {{- end }}
 
-{{/* Whether the chart's own Secret is rendered: the upstream key, the metrics token or both. */}}
+{{/* The upstream accounts (`upstream.accounts`); empty: the one key of `upstream.apiKey`. */}}
+{{- define "aio-gateway.accounts" -}}
+{{- .Values.upstream.accounts | default list | toJson }}
+{{- end }}
+
+{{/* An account's environment variable: APIINONE_API_KEY_<ID>, its id upper-cased with every
+character other than a letter or digit made `_`. */}}
+{{- define "aio-gateway.accountEnv" -}}
+{{- printf "APIINONE_API_KEY_%s" (regexReplaceAll "[^A-Z0-9]" (upper (toString .id)) "_") }}
+{{- end }}
+
+{{/* An account's key in the chart's own Secret. */}}
+{{- define "aio-gateway.accountSecretKey" -}}
+{{- printf "account-%s" (toString .id) }}
+{{- end }}
+
+{{/* Whether the chart's own Secret is rendered: the upstream key (or an account's), the metrics
+token, or both. */}}
 {{- define "aio-gateway.ownSecret" -}}
-{{- if or (not .Values.upstream.existingSecret) (and .Values.metrics.bearerToken (not .Values.metrics.existingSecret)) -}}
+{{- $accounts := include "aio-gateway.accounts" . | fromJsonArray }}
+{{- $accountKey := false }}
+{{- range $accounts }}{{ if .apiKey }}{{ $accountKey = true }}{{ end }}{{ end }}
+{{- if or (and (not $accounts) (not .Values.upstream.existingSecret)) $accountKey (and .Values.metrics.bearerToken (not .Values.metrics.existingSecret)) -}}
 true
 {{- end }}
 {{- end }}
@@ -128,8 +148,36 @@ store, an upstream key or a metrics token in the config itself, no upstream key 
 {{- end }}
 {{- end }}
 {{- end }}
-{{- if and (not .Values.upstream.apiKey) (not .Values.upstream.existingSecret) }}
-{{- fail "set upstream.apiKey (the chart creates a Secret) or upstream.existingSecret (a Secret you manage)" }}
+{{- $accounts := include "aio-gateway.accounts" . | fromJsonArray }}
+{{- if hasKey (.Values.config.upstream | default dict) "accounts" }}
+{{- fail "config.upstream.accounts must not be set: give the accounts in upstream.accounts (the chart renders each key as a ${VAR} from a Secret)" }}
+{{- end }}
+{{- if and $accounts (or .Values.upstream.apiKey .Values.upstream.existingSecret) }}
+{{- fail "set upstream.accounts or the one key (upstream.apiKey or upstream.existingSecret), not both" }}
+{{- end }}
+{{- if and (not $accounts) (not .Values.upstream.apiKey) (not .Values.upstream.existingSecret) }}
+{{- fail "set upstream.apiKey (the chart creates a Secret) or upstream.existingSecret (a Secret you manage), or upstream.accounts" }}
+{{- end }}
+{{- $envs := dict }}
+{{- range $i, $account := $accounts }}
+{{- $where := printf "upstream.accounts[%d]" $i }}
+{{- if not (regexMatch "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$" (toString (get $account "id" | default ""))) }}
+{{- fail (printf "%s.id: an account id (letters, digits, _ . -, at most 64) is required" $where) }}
+{{- end }}
+{{- if hasKey $account "api_key" }}
+{{- fail (printf "%s.api_key must not be set: the key would land in a ConfigMap; give it in apiKey (the chart's Secret) or existingSecret and existingSecretKey" $where) }}
+{{- end }}
+{{- if eq (empty (get $account "apiKey")) (empty (get $account "existingSecret")) }}
+{{- fail (printf "%s: set apiKey (the chart creates a Secret) or existingSecret and existingSecretKey (a Secret you manage), one of the two" $where) }}
+{{- end }}
+{{- if and (get $account "existingSecret") (not (get $account "existingSecretKey")) }}
+{{- fail (printf "%s.existingSecretKey: the key of the API key in Secret %s is required" $where $account.existingSecret) }}
+{{- end }}
+{{- $env := include "aio-gateway.accountEnv" $account }}
+{{- if hasKey $envs $env }}
+{{- fail (printf "%s.id: its key's environment variable %s is also that of account %s: ids must differ by more than case and punctuation" $where $env (get $envs $env)) }}
+{{- end }}
+{{- $_ := set $envs $env $account.id }}
 {{- end }}
 {{- end }}
 
@@ -138,7 +186,18 @@ ledger on) ledger.url and (with tracing on) tracing.endpoint and tracing.sample_
 {{- define "aio-gateway.config" -}}
 {{- $config := deepCopy (.Values.config | default dict) }}
 {{- $upstream := deepCopy (get $config "upstream" | default dict) }}
+{{- $accounts := include "aio-gateway.accounts" . | fromJsonArray }}
+{{- if $accounts }}
+{{- $rendered := list }}
+{{- range $accounts }}
+{{- $account := omit . "apiKey" "existingSecret" "existingSecretKey" }}
+{{- $_ := set $account "api_key" (printf "${%s}" (include "aio-gateway.accountEnv" .)) }}
+{{- $rendered = append $rendered $account }}
+{{- end }}
+{{- $_ := set $upstream "accounts" $rendered }}
+{{- else }}
 {{- $_ := set $upstream "api_key" "${APIINONE_API_KEY}" }}
+{{- end }}
 {{- $_ := set $config "upstream" $upstream }}
 {{- $store := deepCopy (get $config "store" | default dict) }}
 {{- $_ := set $store "url" (include "aio-gateway.storeUrl" .) }}
@@ -173,16 +232,30 @@ ledger on) ledger.url and (with tracing on) tracing.endpoint and tracing.sample_
 {{- end }}
 
 {{/*
-The container's environment: the secrets the rendered config reads (${APIINONE_API_KEY}, and
+The container's environment: the secrets the rendered config reads (${APIINONE_API_KEY}, or
+${APIINONE_API_KEY_<ID>} for each of `upstream.accounts`, and
 ${AIO_GATEWAY_REDIS_URL} / ${AIO_GATEWAY_LEDGER_URL} when they come from Secrets), shared by
 the gateway and the ledger migration Job.
 */}}
 {{- define "aio-gateway.env" -}}
+{{- $accounts := include "aio-gateway.accounts" . | fromJsonArray }}
+{{- if $accounts }}
+{{- $env := list }}
+{{- range $accounts }}
+{{- $ref := dict "name" (include "aio-gateway.fullname" $) "key" (include "aio-gateway.accountSecretKey" .) }}
+{{- if .existingSecret }}
+{{- $ref = dict "name" .existingSecret "key" .existingSecretKey }}
+{{- end }}
+{{- $env = append $env (dict "name" (include "aio-gateway.accountEnv" .) "valueFrom" (dict "secretKeyRef" $ref)) }}
+{{- end }}
+{{- toYaml $env }}
+{{- else -}}
 - name: APIINONE_API_KEY
   valueFrom:
     secretKeyRef:
       name: {{ include "aio-gateway.apiKeySecretName" . }}
       key: {{ include "aio-gateway.apiKeySecretKey" . }}
+{{- end }}
 {{- if include "aio-gateway.metricsTokenSecretName" . }}
 - name: METRICS_TOKEN
   valueFrom:
