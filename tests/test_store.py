@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -450,6 +451,89 @@ def test_redis_down_raises_store_error(private_redis: RedisServer) -> None:
         private_redis.start()
         # scripts are gone after the restart: they are loaded again on demand
         assert (await store.admit(admission("back"))).verdict is Verdict.ADMIT
+
+    run(private_redis.url, body)
+
+
+# -- one connection shared by every call (one server, Sentinel's master) ----------------------
+
+
+def _connections_received(server: RedisServer) -> int:
+    stats = server.cli("INFO", "stats")
+    return int(re.search(r"total_connections_received:(\d+)", stats).group(1))  # type: ignore[union-attr]
+
+
+def test_concurrent_calls_share_one_connection_and_get_their_own_replies(
+        private_redis: RedisServer) -> None:
+    """500 admissions at once over one connection, each answered with its own reservation
+    (a reply matched to the wrong caller would show as the wrong ticket's verdict)."""
+    async def body(store: Store) -> None:
+        limits = [reserve(f"r{i}", 1_000 * (i % 2)) for i in range(500)]
+        results = await asyncio.gather(*(
+            store.admit(admission(f"r{i}", reservation=limits[i], budget_limit=250_000))
+            for i in range(500)))
+        admitted = [i for i, r in enumerate(results) if r.verdict is Verdict.ADMIT]
+        refused = [i for i, r in enumerate(results) if r.verdict is Verdict.BUDGET]
+        # the free half always fits; the paid half fits 250 times
+        assert all(i in admitted for i in range(0, 500, 2))
+        assert len(admitted) == 250 + 250 and all(i % 2 for i in refused)
+        (usage,) = await store.budgets([("t", "m2026-11")])
+        assert usage.reserved == 250_000
+
+    before = _connections_received(private_redis)
+    run(private_redis.url, body)
+    assert _connections_received(private_redis) - before <= 2  # the store's (and redis-py's)
+
+
+def test_a_cancelled_call_does_not_take_the_next_ones_reply(private_redis: RedisServer) -> None:
+    async def body(store: Store) -> None:
+        private_redis.pause()
+        slow = asyncio.ensure_future(store.budgets([("t", "m2026-11")]))
+        await asyncio.sleep(0.05)  # written, waiting for Redis's reply
+        slow.cancel()
+        private_redis.resume()
+        result = await store.admit(admission("after", reservation=reserve("after", 7_000),
+                                             budget_limit=10**9))
+        assert result.verdict is Verdict.ADMIT
+        (usage,) = await store.budgets([("t", "m2026-11")])
+        assert (usage.spent, usage.reserved) == (0, 7_000)
+
+    run(private_redis.url, body)
+
+
+def test_a_hung_redis_times_out_every_waiting_call_then_serves_again(
+        private_redis: RedisServer) -> None:
+    from gateway.store import StoreError
+
+    async def main() -> None:
+        store = open_store(private_redis.url, prefix="test", timeout_s=0.3)
+        await store.connect()
+        try:
+            private_redis.pause()
+            try:
+                hung = await asyncio.gather(*(store.admit(admission(f"h{i}")) for i in range(5)),
+                                            return_exceptions=True)
+            finally:
+                private_redis.resume()
+            assert all(isinstance(e, StoreError) and e.maybe_ran for e in hung)
+            assert (await store.admit(admission("back"))).verdict is Verdict.ADMIT
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_scripts_the_store_lost_are_loaded_again_for_one_call_and_a_batch(
+        private_redis: RedisServer) -> None:
+    async def body(store: Store) -> None:
+        await store.admit(admission("r", reservation=reserve("r", 5_000), budget_limit=10**9))
+        private_redis.cli("SCRIPT", "FLUSH")
+        batch = [Completion("t", "r", Settle.CHARGE, "r", charge=4_000)]
+        assert [getattr(r, "settled", None) for r in await store.finish_many(batch)] == [True]
+        private_redis.cli("SCRIPT", "FLUSH")
+        assert (await store.admit(admission("again"))).verdict is Verdict.ADMIT
+        (usage,) = await store.budgets([("t", "m2026-11")])
+        assert (usage.spent, usage.reserved) == (4_000, 0)
 
     run(private_redis.url, body)
 

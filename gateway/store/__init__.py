@@ -19,17 +19,24 @@ def open_store(url: str, *, prefix: str = "aio", timeout_s: float = 1.0,
         from .memory import EmbeddedEngine
 
         return ScriptStore(EmbeddedEngine(clock=clock, max_bytes=memory_max_bytes), prefix=prefix)
+    from redis.asyncio import Redis
+
+    from .multiplex import Multiplexed
     from .redis import RedisEngine, client_from_url
 
     if url.startswith(("redis+cluster://", "rediss+cluster://")):
         from .cluster import ClusterStore
 
         client, _ = client_from_url(url, timeout_s=timeout_s)
-        return ClusterStore(RedisEngine(client), prefix=prefix)
+        return ClusterStore(RedisEngine(client), prefix=prefix)  # routed by redis-py
     if url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://",
                        "rediss+sentinel://")):
         client, sentinels = client_from_url(url, timeout_s=timeout_s)
-        return ScriptStore(RedisEngine(client, also_close=sentinels), prefix=prefix)
+        # one server, or Sentinel's master: the scripts share one connection
+        assert isinstance(client, Redis)
+        direct = Multiplexed(client.connection_pool, timeout_s=timeout_s)
+        return ScriptStore(RedisEngine(client, direct=direct, also_close=sentinels),
+                           prefix=prefix)
     raise ValueError(f"unsupported store URL scheme: {url.split('://')[0]!r}")
 
 

@@ -31,6 +31,7 @@ from redis.exceptions import (
 )
 
 from .base import ScriptFailed, StoreError
+from .multiplex import Multiplexed, reply_error
 from .payload import Args
 from .scripts import SCRIPTS, Call, source
 
@@ -118,12 +119,14 @@ def store_error(exc: BaseException) -> StoreError | ScriptFailed:
 class RedisEngine:
     """Runs the store's scripts on Redis (one server, Sentinel's master, or a cluster)."""
 
-    def __init__(self, client: Client, *, also_close: Sequence[Redis] = ()) -> None:
+    def __init__(self, client: Client, *, direct: Multiplexed | None = None,
+                 also_close: Sequence[Redis] = ()) -> None:
         self._redis = client
         self._also_close = also_close
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(source(name)) for name in SCRIPTS
         }
+        self._direct = direct  # the scripts' path when given; redis-py's client otherwise
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -139,15 +142,47 @@ class RedisEngine:
 
     async def connect(self) -> None:
         """Load the scripts now, so the first requests do not pay for it (and fail early)."""
+        if self._direct is not None:
+            loads = [("SCRIPT", "LOAD", s.script) for s in self._scripts.values()]
+            for reply in await self._direct.execute(loads):
+                if isinstance(reply, hiredis.ReplyError):
+                    raise reply_error(reply)
+            return
         for script in self._scripts.values():
             await self._call(partial(self._redis.script_load, script.script))
 
     async def close(self) -> None:
+        if self._direct is not None:
+            await self._direct.close()
         await self._redis.aclose()
         for client in self._also_close:
             await client.aclose()
 
+    def _evalsha(self, name: str, keys: Sequence[str], args: Args) -> tuple[Any, ...]:
+        return ("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+
+    async def _execute(self, calls: Sequence[Call]) -> list[Any]:
+        """Each call's reply or error reply, over the shared connection. Scripts the store lost
+        (it restarted) are loaded and only those calls sent again: they never ran."""
+        assert self._direct is not None
+        commands = [self._evalsha(*call) for call in calls]
+        replies = await self._direct.execute(commands)
+        missing = [i for i, r in enumerate(replies)
+                   if isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT")]
+        if missing:
+            loads = [("SCRIPT", "LOAD", self._scripts[name].script)
+                     for name in dict.fromkeys(calls[i][0] for i in missing)]
+            again = await self._direct.execute([*loads, *(commands[i] for i in missing)])
+            for i, reply in zip(missing, again[len(loads):], strict=True):
+                replies[i] = reply
+        return replies
+
     async def run(self, name: str, keys: Sequence[str], args: Args) -> Any:
+        if self._direct is not None:
+            (reply,) = await self._execute([(name, keys, args)])
+            if isinstance(reply, hiredis.ReplyError):
+                raise reply_error(reply)
+            return reply
         script = self._scripts[name]
         return await self._call(lambda: script(keys=keys, args=args))
 
@@ -155,6 +190,9 @@ class RedisEngine:
         """One pipeline (not a transaction: each script is atomic on its own). Scripts the store
         lost (it restarted) are loaded and only those calls sent again: they never ran. A
         cluster has no pipelines for scripts: there, the calls go out together instead."""
+        if self._direct is not None:
+            return [reply_error(r) if isinstance(r, hiredis.ReplyError) else r
+                    for r in await self._execute(calls)]
         if isinstance(self._redis, RedisCluster):
             replies = await asyncio.gather(*(self.run(*call) for call in calls),
                                            return_exceptions=True)
