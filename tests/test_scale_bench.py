@@ -4,35 +4,16 @@ report is written. No timing, memory or ratio is asserted: at this size they mea
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
-
-from .conftest import ROOT
-from .test_bench import INSTALL, bench
+from .test_bench import run_script
 
 
 def test_scale_bench_runs_every_case_and_writes_the_report(tmp_path: Path) -> None:
-    missing = [tool for tool in INSTALL if bench.find_tool(tool) is None]
-    if missing:
-        pytest.fail(f"the benchmark needs {', '.join(missing)}: "
-                    f"apt-get install -y {' '.join(INSTALL[m] for m in missing)}")
     out = tmp_path / "SCALE.md"
-    argv = [sys.executable, "bench/scale.py", "--flat-requests", "300", "--slice", "1",
-            "--connections", "4", "--held", "40", "--streams", "24", "--hold", "1",
-            "--pollers", "30", "--tasks", "6", "--poll-duration", "1", "--out", str(out)]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # scale.py stops what it started, then exits
-        output, _ = proc.communicate(timeout=60)
-        pytest.fail(f"bench/scale.py took more than 240 s:\n{output}")
-    assert proc.returncode == 0, output
+    run_script("bench/scale.py", "--flat-requests", "300", "--slice", "1", "--connections", "4",
+               "--held", "40", "--streams", "24", "--hold", "1", "--pollers", "30", "--tasks",
+               "6", "--poll-duration", "1", "--out", str(out))
 
     text = out.read_text()
     assert "`python3 bench/scale.py --flat-requests 300 --slice 1" in text
