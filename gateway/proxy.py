@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 from . import fairness, forward, inbound, routes, tracing
 from .asgi import (
@@ -304,48 +305,41 @@ class Proxy:
                     reply: Reply | None, account: str | None) -> Completion:
         """The store's part of a decision (`account`: the upstream account it went through)."""
         a, config = req.admission, self.rt.policy.config
-        team, ticket = req.team.name, a.ticket
-        completion = Completion(team, ticket, ledger=a.ledger)
+        fields: dict[str, Any] = {"ledger": a.ledger}  # one Completion built, not one per part
         reservation = a.reservation
         leader = end in (End.ANSWER, End.STREAM, End.CUT, End.NO_ANSWER)
         if decision.charge is not Charge.NONE and (decision.task or (leader and reservation)):
-            settle = {Charge.SETTLE: Settle.CHARGE, Charge.REFUND: Settle.REFUND,
-                      Charge.HOLD: Settle.HOLD}[decision.charge]
+            fields["settle"] = {Charge.SETTLE: Settle.CHARGE, Charge.REFUND: Settle.REFUND,
+                                Charge.HOLD: Settle.HOLD}[decision.charge]
             if decision.charge is Charge.HOLD:
                 assert reservation is not None
-                completion = replace(completion, settle=settle, reservation_id=reservation.id,
-                                     period=reservation.period, hold_id=f"task:{decision.task}",
-                                     hold_ms=self.rt.task_check_ms)
+                fields.update(reservation_id=reservation.id, period=reservation.period,
+                              hold_id=f"task:{decision.task}", hold_ms=self.rt.task_check_ms)
             elif decision.task is not None:
-                completion = replace(completion, settle=settle,
-                                     reservation_id=f"task:{decision.task}",
-                                     charge=decision.credits)
+                fields.update(reservation_id=f"task:{decision.task}", charge=decision.credits)
             else:
                 assert reservation is not None
-                completion = replace(completion, settle=settle, reservation_id=reservation.id,
-                                     period=reservation.period, charge=decision.credits)
+                fields.update(reservation_id=reservation.id, period=reservation.period,
+                              charge=decision.credits)
         if decision.cache_ttl_s > 0 and reply is not None and req.cache is not None:
             credits = decision.credits if decision.credits is not None else req.billing.price
             entry = encode_entry(reply, credits=credits if decision.task is None else 0,
                                  ttl_s=decision.cache_ttl_s)
-            completion = replace(completion, cache_put=(req.cache, entry,
-                                                        int(decision.cache_ttl_s * 1000)))
+            fields["cache_put"] = (req.cache, entry, int(decision.cache_ttl_s * 1000))
             self.rt.metrics.cache_events.labels(req.route, "stored").inc()
         if leader and req.lookup and req.cache is not None:
-            completion = replace(completion, release=req.cache)
+            fields["release"] = req.cache
         if a.idempotency is not None and end is not End.HIT:
             answer = None
             if decision.remember and reply is not None:
                 answer = encode_entry(reply, credits=0, ttl_s=0)
-            completion = replace(completion, idempotency=(a.idempotency[0], answer,
-                                                          IDEMPOTENCY_TTL_MS))
+            fields["idempotency"] = (a.idempotency[0], answer, IDEMPOTENCY_TTL_MS)
         if decision.owner is not None:
             ttl_ms = max(config.cache.task_ttl_s, OWNER_MIN_TTL_S) * 1000
-            completion = replace(completion, task_owner=(decision.owner, ttl_ms),
-                                 task_account=account)
+            fields.update(task_owner=(decision.owner, ttl_ms), task_account=account)
         if end is End.COALESCED and req.billing.kind in (Kind.SYNC, Kind.CREATE):
-            completion = replace(completion, event=_cached_event(req, decision.saved))
-        return completion
+            fields["event"] = _cached_event(req, decision.saved)
+        return Completion(req.team.name, a.ticket, **fields)
 
     # -- answers without the upstream ----------------------------------------------------------
 
