@@ -523,6 +523,30 @@ def test_a_hung_redis_times_out_every_waiting_call_then_serves_again(
     asyncio.run(main())
 
 
+def test_a_demoted_master_is_left_for_the_next_connection(private_redis: RedisServer,
+                                                         redis_server: RedisServer) -> None:
+    """A failover turns the server into a replica: its READONLY answer is a store error, and the
+    connection is dropped so that the next call connects again (through Sentinel: to the new
+    master) instead of asking the replica forever."""
+    from gateway.store import StoreError
+
+    async def body(store: Store) -> None:
+        assert (await store.admit(admission("before"))).verdict is Verdict.ADMIT
+        connected = _connections_received(private_redis)
+        private_redis.cli("REPLICAOF", "127.0.0.1", str(redis_server.port))
+        try:
+            with pytest.raises(StoreError):  # a reservation is a write
+                await store.admit(admission("demoted", reservation=reserve("demoted", 1_000),
+                                            budget_limit=10**9))
+        finally:
+            private_redis.cli("REPLICAOF", "NO", "ONE")
+        assert (await store.admit(admission("promoted"))).verdict is Verdict.ADMIT
+        # redis-cli's three (REPLICAOF twice, INFO), and the store's one new connection
+        assert _connections_received(private_redis) == connected + 3 + 1
+
+    run(private_redis.url, body)
+
+
 def test_scripts_the_store_lost_are_loaded_again_for_one_call_and_a_batch(
         private_redis: RedisServer) -> None:
     async def body(store: Store) -> None:

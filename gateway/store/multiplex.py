@@ -138,11 +138,17 @@ class Multiplexed:
         futures = link.send(b"".join(hiredis.pack_command(tuple(c)) for c in commands),
                             len(commands))
         try:
-            return [await future for future in futures]
+            replies = [await future for future in futures]
         except asyncio.CancelledError:
             for future in futures:
                 future.cancel()
             raise
+        if any(r.__class__ is hiredis.ReplyError and str(r).startswith("READONLY")
+               for r in replies):
+            # the server was demoted to a replica (a failover): the next call connects to
+            # whichever server is the master now (through Sentinel), as redis-py would
+            link.fail("redis: ReadOnlyError")
+        return replies
 
     async def close(self) -> None:
         link, self._link = self._link, None
