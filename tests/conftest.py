@@ -14,10 +14,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -45,6 +45,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+T = TypeVar("T")
+
+
+def eventually(condition: Callable[[], T], what: str, timeout: float = 60.0) -> T:
+    """The first truthy value of `condition`, polled until `timeout`: for background work that
+    a test cannot wait on directly (another process, a server's loop, a metric)."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return result
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
@@ -429,11 +442,13 @@ class RunningGateway:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return self.client.get("/metrics", headers=headers).text
 
+    def run(self, work: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        """`work` run in the gateway's own event loop (its store belongs to that loop)."""
+        return asyncio.run_coroutine_threadsafe(work, self.app.runtime.loop).result(timeout)
+
     def drain(self, timeout: float = 20) -> None:
         """Wait until the bookkeeping of every answered request has reached the store."""
-        runtime = self.app.runtime
-        landed = asyncio.run_coroutine_threadsafe(runtime.bookkeeper.drain(timeout),
-                                                  runtime.loop).result(timeout + 5)
+        landed = self.run(self.app.runtime.bookkeeper.drain(timeout), timeout + 5)
         assert landed, "the bookkeeping did not reach the store in time"
 
     def team(self, name: str = "research") -> dict[str, Any]:

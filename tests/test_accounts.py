@@ -24,6 +24,7 @@ from .conftest import (
     RedisServer,
     RunningGateway,
     base_config,
+    eventually,
     team_config,
 )
 from .test_limits import burst
@@ -63,13 +64,6 @@ def metric(text: str, name: str, **labels: str) -> float:
         if all(found.get(k) == v for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def until(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
 
 
 # -- accounts ------------------------------------------------------------------------------------
@@ -196,7 +190,7 @@ def test_credits_spent_through_an_account_count_down_its_balance(
     assert gateway.chat("one", extra={"mock_credits": 7}).status_code == 200
     gateway.drain()
     runtime = gateway.runtime
-    asyncio.run_coroutine_threadsafe(runtime.health.flush(), runtime.loop).result(10)
+    gateway.run(runtime.health.flush(), 10)
     text = gateway.metrics()
     assert metric(text, "gateway_upstream_account_balance_remaining", account="a") == 993
     assert metric(text, "gateway_upstream_account_balance", account="a") == 1000
@@ -225,7 +219,7 @@ def test_the_admin_view_lists_each_account_with_its_limits_use_and_balance(
     assert gateway.chat("r", extra={"mock_credits": 7}).status_code == 200  # through a
     gateway.drain()
     runtime = gateway.runtime
-    asyncio.run_coroutine_threadsafe(runtime.health.flush(), runtime.loop).result(10)
+    gateway.run(runtime.health.flush(), 10)
     used = Counter(accounts_seen(accounts_mock))
     assert used["a"] >= 1 and used["b"] >= 1 and sum(used.values()) == 5
     assert admin_accounts(gateway) == {
@@ -296,8 +290,8 @@ def test_a_waiting_request_whose_turn_moves_too_late_gives_up_unanswered(
     runtime = gateway.runtime
     with ThreadPoolExecutor(1) as pool:
         waiting: Future[httpx.Response] = pool.submit(gateway.chat, "second")
-        until(lambda: metric(gateway.metrics(), "gateway_upstream_waiting",
-                             team="research") == 1, "the second request never waited")
+        eventually(lambda: metric(gateway.metrics(), "gateway_upstream_waiting",
+                                  team="research") == 1, "the second request never waited")
         pace = runtime.policy.accounts.paces[0]
         for _ in range(2):
             booked, _ = asyncio.run_coroutine_threadsafe(
@@ -321,8 +315,8 @@ def test_a_team_cannot_keep_more_than_max_waiting_requests_waiting(
     assert gateway.chat("first").status_code == 200
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(gateway.chat, "second")
-        until(lambda: metric(gateway.metrics(), "gateway_upstream_waiting",
-                             team="research") == 1, "the second request never waited")
+        eventually(lambda: metric(gateway.metrics(), "gateway_upstream_waiting",
+                                  team="research") == 1, "the second request never waited")
         full = gateway.chat("third")
         assert full.status_code == 429
         assert "waiting" in str(error_of(full)["message"])

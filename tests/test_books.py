@@ -33,6 +33,7 @@ from .conftest import (
     RunningGateway,
     ServerThread,
     base_config,
+    eventually,
     team_config,
 )
 
@@ -182,27 +183,21 @@ def _gateway(mock: Mock, store_url: str) -> RunningGateway:
     return RunningGateway(ServerThread(app).start(), app)
 
 
-def _in_loop(gateway: RunningGateway, work: Any) -> Any:
-    return asyncio.run_coroutine_threadsafe(work, gateway.app.runtime.loop).result(60)
-
-
 def _settle_everything(gateway: RunningGateway, mock: Mock) -> None:
     """Let every task finish upstream, the bookkeeping land, and the reconciler settle the
     tasks nobody polled to the end."""
-    deadline = time.monotonic() + 30
-    while mock.client.get("/_mock/bill").json()["pending_tasks"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    eventually(lambda: not mock.client.get("/_mock/bill").json()["pending_tasks"],
+               "every task finished upstream", timeout=30)
     mock.release()
     gateway.drain()
     reconciler = Reconciler(gateway.app.runtime)
-    for _ in range(3):  # reservations past their deadline (task_check_s) are all overdue now
-        time.sleep(0.25)
-        _in_loop(gateway, reconciler.once())
+
+    def settled() -> bool:  # held reservations come due task_check_s after their last check
+        gateway.run(reconciler.once())
         gateway.drain()
-        if not any(_in_loop(gateway, gateway.app.runtime.store.reservations(t))
-                   for t in TEAM_KEYS):
-            return
+        return not any(gateway.run(gateway.app.runtime.store.reservations(t)) for t in TEAM_KEYS)
+
+    eventually(settled, "every reservation settled")
 
 
 def _ledger(gateway: RunningGateway, team: str) -> list[dict[str, Any]]:
@@ -242,7 +237,7 @@ def _assert_books(gateway: RunningGateway, mock: Mock, storm: Storm) -> None:
     assert round(sum(spent.values()), 3) == round(bill["total"], 3), report
     for team, entries in ledgers.items():
         assert rows[team]["reserved"] == 0, report
-        assert _in_loop(gateway, gateway.app.runtime.store.reservations(team)) == [], report
+        assert gateway.run(gateway.app.runtime.store.reservations(team)) == [], report
         assert round(sum(e["credits"] for e in entries), 3) == round(spent[team], 3), report
         assert len({e["event_id"] for e in entries}) == len(entries), report  # none twice
         if BUDGETS[team] is not None:

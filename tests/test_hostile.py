@@ -14,7 +14,6 @@ import logging
 import re
 import select
 import socket
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +31,7 @@ from .conftest import (
     RedisServer,
     RunningGateway,
     base_config,
+    eventually,
     team_config,
 )
 
@@ -153,10 +153,7 @@ class Target:
         return answer
 
     def wait_until(self, condition: Callable[[], bool], what: str = "the condition") -> None:
-        deadline = time.monotonic() + 20
-        while not condition():
-            assert time.monotonic() < deadline, f"{what} did not happen"
-            time.sleep(0.02)
+        eventually(condition, what, timeout=20)
 
     def wait_idle(self) -> None:
         """Until no request is in flight in the gateway (a cut connection ends in its time)."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,22 +27,12 @@ from .conftest import (
     RedisServer,
     RunningGateway,
     base_config,
+    eventually,
     free_port,
 )
 from .postgres import PASSWORD, PostgresServer
 
 TEAMS = ("research", "marketing")
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def migrated(url: str) -> str:
@@ -136,8 +125,8 @@ def test_every_entry_reaches_postgres_exactly_once(
     url = migrated(ledger_url)
     gateway = make_gateway(store_url, ledger=ledger_section(url))
     traffic(gateway, mock, "once")
-    store = wait_for(lambda: (e := gateway_entries(gateway, store_url))
-                     and pg_count(url) == len(e) == 13 and e, "all 13 entries shipped")
+    store = eventually(lambda: (e := gateway_entries(gateway, store_url))
+                       and pg_count(url) == len(e) == 13 and e, "all 13 entries shipped")
     assert_exactly_once(store, url)
     kinds = sorted((e["kind"], e["cached"]) for e in store.values())
     assert kinds == [("charge", False)] * 9 + [("charge", True)] * 3 + [("refund", False)]
@@ -146,7 +135,7 @@ def test_every_entry_reaches_postgres_exactly_once(
 
     # the cursors lost (every page retried from the start): no row is written twice
     asyncio.run(_reset_cursors(url))
-    wait_for(lambda: _cursors(url) == _last_ids(store), "the shipper to go over it all again")
+    eventually(lambda: _cursors(url) == _last_ids(store), "the shipper to go over it all again")
     assert_exactly_once(store, url)
     assert metric(gateway.url, "gateway_ledger_rows_total") == 13
 
@@ -215,25 +204,26 @@ def test_postgres_killed_mid_run_loses_and_doubles_nothing(
     gateway = make_gateway(store_url, ledger=ledger_section(url, batch_rows=20))
     load = Load(gateway.url)
     try:
-        wait_for(lambda: pg_count(url) > 20, "the shipper to ship under load")
+        eventually(lambda: pg_count(url) > 20, "the shipper to ship under load")
         private_postgres.kill()
         # requests go on; the backlog is counted, and the failures too
         served = len(load.statuses)
-        wait_for(lambda: metric(gateway.url, "gateway_ledger_errors_total") >= 2
-                 and metric(gateway.url, "gateway_ledger_pending") > 0
-                 and len(load.statuses) > served + 20, "a counted backlog while PostgreSQL is down")
+        eventually(lambda: metric(gateway.url, "gateway_ledger_errors_total") >= 2
+                   and metric(gateway.url, "gateway_ledger_pending") > 0
+                   and len(load.statuses) > served + 20,
+                   "a counted backlog while PostgreSQL is down")
         assert metric(gateway.url, "gateway_ledger_lag_seconds") > 0
         private_postgres.start()
         restarted_with = pg_count(url)
-        wait_for(lambda: pg_count(url) > restarted_with, "shipping to resume")
+        eventually(lambda: pg_count(url) > restarted_with, "shipping to resume")
     finally:
         load.stop()
     assert set(load.statuses) == {200}
-    store = wait_for(lambda: (e := gateway_entries(gateway, store_url))
-                     and pg_count(url) == len(e) and e, "the backlog to drain")
+    store = eventually(lambda: (e := gateway_entries(gateway, store_url))
+                       and pg_count(url) == len(e) and e, "the backlog to drain")
     assert len(store) == len(load.statuses)
     assert_exactly_once(store, url)
-    wait_for(lambda: metric(gateway.url, "gateway_ledger_pending") == 0, "pending back to 0")
+    eventually(lambda: metric(gateway.url, "gateway_ledger_pending") == 0, "pending back to 0")
 
 
 def test_postgres_down_leaves_requests_alone(
@@ -243,7 +233,7 @@ def test_postgres_down_leaves_requests_alone(
     gateway = make_gateway(store_url, ledger=ledger_section(url))
     for i in range(5):
         assert gateway.chat(f"down {i}").status_code == 200
-    wait_for(lambda: metric(gateway.url, "gateway_ledger_pending") == 5, "5 entries pending")
+    eventually(lambda: metric(gateway.url, "gateway_ledger_pending") == 5, "5 entries pending")
     assert metric(gateway.url, "gateway_ledger_errors_total") >= 1
     assert metric(gateway.url, "gateway_ledger_lag_seconds") >= 0
     answer = gateway.admin("GET", "teams/research/ledger")
@@ -258,8 +248,8 @@ def test_the_admin_ledger_reads_postgres(make_gateway: GatewayFactory, store_url
     url = migrated(ledger_url)
     gateway = make_gateway(store_url, ledger=ledger_section(url))
     traffic(gateway, mock, "admin")
-    store = wait_for(lambda: (e := gateway_entries(gateway, store_url))
-                     and pg_count(url) == len(e) == 13 and e, "all entries shipped")
+    store = eventually(lambda: (e := gateway_entries(gateway, store_url))
+                       and pg_count(url) == len(e) == 13 and e, "all entries shipped")
     pages, after = [], "-"
     while after is not None:
         answer = gateway.admin("GET", f"teams/research/ledger?limit=3&after={after}").json()
@@ -318,11 +308,11 @@ def test_two_workers_on_redis_ship_each_entry_once(
     gateway = gateway_process(config, workers=2)
     load = Load(gateway.url, threads=2)
     try:
-        wait_for(lambda: len(load.statuses) >= 60, "60 requests")
+        eventually(lambda: len(load.statuses) >= 60, "60 requests")
     finally:
         load.stop()
-    store = wait_for(lambda: (e := store_entries(redis_server.url))
-                     and pg_count(url) == len(e) and e, "every entry shipped")
+    store = eventually(lambda: (e := store_entries(redis_server.url))
+                       and pg_count(url) == len(e) and e, "every entry shipped")
     assert len(store) == len(load.statuses)
     assert_exactly_once(store, url)
     assert gateway.stop() == 0

@@ -14,8 +14,7 @@ import pytest
 
 from gateway.tasks import Reconciler
 
-from .conftest import KEYS, GatewayFactory, Mock, RedisServer, RunningGateway
-from .test_books import _in_loop
+from .conftest import KEYS, GatewayFactory, Mock, RedisServer, RunningGateway, eventually
 
 
 class Load:
@@ -67,7 +66,7 @@ def test_an_outage_under_load(make_gateway: GatewayFactory, mock: Mock, aof_redi
     assert gateway.admin("POST", "keys/marketing-key/revoke").status_code == 200
     gateway.drain()
     if mode == "open":  # the revocation reaches this process's own copy with a heartbeat
-        _in_loop(gateway, gateway.app.runtime._copy_revocations())
+        gateway.run(gateway.app.runtime._copy_revocations())
 
     load = Load(gateway)
     load.thread.start()
@@ -99,19 +98,18 @@ def test_an_outage_under_load(make_gateway: GatewayFactory, mock: Mock, aof_redi
 
     # let every task finish and be settled, then the books: what the upstream billed is what
     # the team spent, nothing is left held, the ledger adds up, each charge recorded once
-    deadline = time.monotonic() + 30
-    while mock.client.get("/_mock/bill").json()["pending_tasks"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    eventually(lambda: not mock.client.get("/_mock/bill").json()["pending_tasks"],
+               "every task finished upstream", timeout=30)
     gateway.drain()
     reconciler = Reconciler(gateway.app.runtime)
     runtime: Any = gateway.app.runtime
-    for _ in range(20):
-        _in_loop(gateway, reconciler.once())
+
+    def settled() -> bool:  # held reservations come due task_check_s after their last check
+        gateway.run(reconciler.once())
         gateway.drain()
-        if not _in_loop(gateway, runtime.store.reservations("research")):
-            break
-        time.sleep(0.1)  # held reservations become overdue after task_check_s
+        return not gateway.run(runtime.store.reservations("research"))
+
+    eventually(settled, "every reservation settled", timeout=30)
     research = gateway.team()
     bill = mock.client.get("/_mock/bill").json()
     assert research["reserved"] == 0

@@ -11,8 +11,9 @@ import orjson
 
 from gateway.store import open_store
 from gateway.store.base import Admission, Reservation
+from gateway.tasks import Reconciler
 
-from .conftest import KEYS, GatewayFactory, Mock, RedisServer, RunningGateway
+from .conftest import KEYS, GatewayFactory, Mock, RedisServer, RunningGateway, eventually
 from .test_limits import teams_with
 from .test_proxy import error_of, wait_ledger
 
@@ -146,27 +147,33 @@ def test_reconciler_charges_what_a_dead_replica_reserved(redis_server: RedisServ
 def test_reconciler_leaves_a_live_replicas_reservations(redis_server: RedisServer,
                                                         make_gateway: GatewayFactory) -> None:
     """A replica that still says it is alive is still answering, or its bookkeeping is on the
-    way: its reservation is left alone, however late; once it falls silent, it is settled."""
+    way: its reservation is left alone, however late; once it falls silent, it is settled.
+    The rounds are driven here (no background rounds), the peer heartbeating between them."""
     redis_server.cli("FLUSHALL")
     gateway = make_gateway(redis_server.url, teams=teams_with(budget={"credits": 100}),
-                           reconcile_interval_s=0.2, alive_s=0.6)
+                           alive_s=0.6)
     context = orjson.dumps({"team": "research", "key_id": "research-key", "model": "gemini",
                             "route": "chat/completions", "request_id": "slow"})
 
-    async def live_replica() -> int:
+    async def as_peer(*, reserve: bool = False) -> None:
         store = open_store(redis_server.url)
-        period = time.strftime("m%Y-%m", time.gmtime())
-        await store.admit(Admission(team="research", key_id="research-key", ticket="peer.1",
-                                    hold_ms=10, reservation=Reservation("peer.1", period, 5000,
-                                                                        context),
-                                    budget_limit=100_000))
-        for _ in range(15):  # it says it is alive for several reconciler rounds
-            await store.heartbeat("peer", 0)
-            await asyncio.sleep(0.1)
-        pending = len(await store.reservations("research"))
+        if reserve:
+            period = time.strftime("m%Y-%m", time.gmtime())
+            await store.admit(Admission(
+                team="research", key_id="research-key", ticket="peer.1", hold_ms=10,
+                reservation=Reservation("peer.1", period, 5000, context), budget_limit=100_000))
+        await store.heartbeat("peer", 0)  # "alive"
         await store.close()
-        return pending
 
-    assert asyncio.run(live_replica()) == 1  # untouched while it was alive
-    (entry,) = wait_ledger(gateway, 1)  # fallen silent: settled as reserved
+    runtime = gateway.runtime
+    eventually(runtime.liveness_known, "the gateway trusting the list of live processes")
+    reconciler = Reconciler(runtime)
+    asyncio.run(as_peer(reserve=True))
+    for _ in range(3):  # overdue (hold_ms=10) but its owner is alive: untouched
+        assert gateway.run(reconciler.once()) == 0
+        asyncio.run(as_peer())
+    assert len(gateway.run(runtime.store.reservations("research"))) == 1
+    # fallen silent: settled as reserved once its last word is older than alive_s
+    eventually(lambda: gateway.run(reconciler.once()) == 1, "the silent peer's reservation")
+    (entry,) = wait_ledger(gateway, 1)
     assert (entry["kind"], entry["credits"], entry["request_id"]) == ("charge", 5, "slow")

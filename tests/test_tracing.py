@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +29,7 @@ from .conftest import (
     RedisServer,
     RunningGateway,
     base_config,
+    eventually,
     free_port,
 )
 from .otlp import Receiver, Span, trees, values, walk
@@ -330,19 +330,12 @@ def test_a_refusing_or_absent_collector_is_counted(make_gateway: GatewayFactory,
     receiver.status = 400  # refuses every batch (not retried)
     gateway = traced(make_gateway, "memory://", receiver)
     assert gateway.chat("refused").status_code == 200
-    deadline_check(lambda: dropped(gateway).get("export_failed", 0) > 0)
+    eventually(lambda: dropped(gateway).get("export_failed", 0) > 0, "spans dropped")
 
     absent = make_gateway("memory://", tracing={"endpoint": f"http://127.0.0.1:{free_port()}",
                                                 "export_interval_s": 0.05, "timeout_s": 0.5})
     assert absent.chat("nobody listens").status_code == 200
-    deadline_check(lambda: dropped(absent).get("export_failed", 0) > 0)
-
-
-def deadline_check(condition: Any, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        time.sleep(0.05)
+    eventually(lambda: dropped(absent).get("export_failed", 0) > 0, "spans dropped")
 
 
 def test_shutdown_exports_what_is_queued(make_gateway: GatewayFactory, receiver: Receiver,

@@ -19,7 +19,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,7 @@ from .conftest import (
     RunningGateway,
     ServerThread,
     base_config,
+    eventually,
     team_config,
 )
 from .test_deploy import (
@@ -166,18 +167,6 @@ def metric(gateway: RunningGateway, name: str, **labels: str) -> float:
     return 0.0
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 30, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or condition}"
-        time.sleep(0.02)
-
-
-def run_on(gateway: RunningGateway, coroutine: Any) -> Any:
-    """Run a coroutine on the gateway's own event loop (where its store and tasks live)."""
-    return asyncio.run_coroutine_threadsafe(coroutine, gateway.runtime.loop).result(60)
-
-
 # -- delivery -------------------------------------------------------------------------------------
 
 
@@ -208,9 +197,9 @@ def test_a_task_webhook_is_delivered_signed_and_settled_like_a_poll(
 
     # settled once, as a client's poll settles it: charged what the upstream reported
     gateway.drain()
-    wait_until(lambda: gateway.team()["reserved"] == 0, what="the task's reservation settled")
+    eventually(lambda: gateway.team()["reserved"] == 0, what="the task's reservation settled")
     assert gateway.team()["spent"] == 3
-    wait_until(lambda: metric(gateway, "gateway_webhook_deliveries_total",
+    eventually(lambda: metric(gateway, "gateway_webhook_deliveries_total",
                               result="delivered") == 1, what="the delivered metric")
     # the client's own poll now comes from the cache the gateway's poll filled
     polls = mock.count(f"GET tasks/{task['id']}")
@@ -244,7 +233,7 @@ def test_retries_after_receiver_500s_and_timeouts_keep_the_webhook_id(
     assert len({d.headers["webhook-id"] for d in deliveries}) == 1
     assert all(verify(SECRET, d.headers, d.body) for d in deliveries)
     assert len({d.body for d in deliveries}) == 1
-    wait_until(lambda: metric(gateway, "gateway_webhook_deliveries_total",
+    eventually(lambda: metric(gateway, "gateway_webhook_deliveries_total",
                               result="delivered") == 1, what="delivered")
     assert metric(gateway, "gateway_webhook_deliveries_total", result="retried") == 3
     assert metric(gateway, "gateway_webhook_deliveries_total", result="failed") == 0
@@ -258,7 +247,7 @@ def test_a_webhook_nobody_takes_fails_and_is_redelivered(
     receiver.plan = [500] * 1000
     url = f"http://127.0.0.1:{receiver.port}/secret-path?token=s3cret"
     task = create(gateway, url, mock_final="completed").json()
-    wait_until(lambda: metric(gateway, "gateway_webhook_deliveries_total", result="failed") == 1,
+    eventually(lambda: metric(gateway, "gateway_webhook_deliveries_total", result="failed") == 1,
                what="the webhook to fail")
     attempts = len(receiver.deliveries)
     assert attempts >= 2
@@ -280,7 +269,7 @@ def test_a_webhook_nobody_takes_fails_and_is_redelivered(
     delivered = receiver.wait_for(attempts + 1)[-1]
     assert delivered.headers["webhook-id"] == failed["id"]
     assert verify(SECRET, delivered.headers, delivered.body)
-    wait_until(lambda: gateway.admin("GET", "webhooks/failed").json()["webhooks"] == [],
+    eventually(lambda: gateway.admin("GET", "webhooks/failed").json()["webhooks"] == [],
                what="the failed list to empty")
     again = conforms(gateway.admin("POST", f"webhooks/{failed['id']}/redeliver"))
     assert again.status_code == 404 and again.json()["error"]["type"] == "not_found"
@@ -300,7 +289,7 @@ def test_a_watch_made_while_the_store_is_away_is_recorded_once_it_is_back(
     gateway = make_gateway(private_redis.url, store={"on_error": "open"},
                            teams=callback_teams([f"http://127.0.0.1:{receiver.port}/"]),
                            webhooks=fast_hooks(), cache={"pending_task_ttl_s": 0.1})
-    wait_until(lambda: gateway.runtime._revocations_known, what="the first heartbeat")
+    eventually(lambda: gateway.runtime._revocations_known, what="the first heartbeat")
     private_redis.stop()
     created = create(gateway, f"http://127.0.0.1:{receiver.port}/", mock_final="completed")
     assert created.status_code == 200, created.text
@@ -411,7 +400,7 @@ def test_a_name_that_rebinds_to_a_private_address_is_never_called(
         created = create(gateway, f"http://hooks.rebind.test:{receiver.port}/",
                          mock_final="completed")
         assert created.status_code == 200, created.text
-        wait_until(lambda: metric(gateway, "gateway_webhook_deliveries_total",
+        eventually(lambda: metric(gateway, "gateway_webhook_deliveries_total",
                                   result="failed") == 1, what="the webhook to fail")
         [failed] = gateway.admin("GET", "webhooks/failed").json()["webhooks"]
         assert failed["error"] == "private_address"
@@ -482,7 +471,7 @@ def test_a_replica_killed_mid_poll_leaves_its_task_to_another(
         teams = httpx.get(f"{second.url}/admin/v1/teams", headers=admin).json()["teams"]
         return next(t for t in teams if t["team"] == "research")  # type: ignore[no-any-return]
 
-    wait_until(lambda: research()["reserved"] == 0, what="the task's reservation settled")
+    eventually(lambda: research()["reserved"] == 0, what="the task's reservation settled")
     assert research()["spent"] == 3
     assert len(receiver.deliveries) == 1
 
@@ -521,7 +510,7 @@ def test_fifty_tasks_cost_one_upstream_poll_per_interval_whoever_asks(
     hooks = gateway.runtime.webhooks
     tasks = [create(gateway, f"http://127.0.0.1:{receiver.port}/", mock_delay_s=600).json()["id"]
              for _ in range(50)]
-    assert run_on(gateway, hooks.once()) == 0  # nothing is due before the first interval
+    assert gateway.run(hooks.once()) == 0  # nothing is due before the first interval
     assert mock.count("GET tasks/" + tasks[0]) == 0
     for interval in range(1, 4):
         clock.now += 2.001  # a cache entry is fresh for its whole TTL, its end included
@@ -529,7 +518,7 @@ def test_fifty_tasks_cost_one_upstream_poll_per_interval_whoever_asks(
         assert asyncio.run(poll_all(gateway.url, tasks)) == [200] * 50  # at the same time
         assert gateway_round.result(60) == 50
         assert asyncio.run(poll_all(gateway.url, tasks)) == [200] * 50
-        assert run_on(gateway, hooks.once()) == 0
+        assert gateway.run(hooks.once()) == 0
         for task in tasks:
             assert mock.count(f"GET tasks/{task}") == interval, task
     assert receiver.deliveries == []
@@ -569,10 +558,10 @@ def test_the_gateway_polls_only_with_a_free_upstream_slot(
     task = create(gateway, f"http://127.0.0.1:{receiver.port}/", mock_delay_s=0).json()["id"]
     for _ in range(3):
         clock.now += 2.001
-        assert run_on(gateway, hooks.once()) == 1
+        assert gateway.run(hooks.once()) == 1
     assert mock.count(f"GET tasks/{task}") == 0 and receiver.deliveries == []
     clock.now += 60
-    assert run_on(gateway, hooks.once()) == 1
+    assert gateway.run(hooks.once()) == 1
     assert mock.count(f"GET tasks/{task}") == 1
     [delivery] = receiver.wait_for(1)
     assert orjson.loads(delivery.body)["status"] == "completed"
@@ -596,7 +585,7 @@ def test_the_gateways_poll_is_a_clients_poll(make_gateway: GatewayFactory, mock:
     from gateway.store.hooks import Hook
 
     with pytest.raises(RuntimeError):
-        run_on(gateway, hooks._poll_task("research", Hook("msg_" + "0" * 32, "research",
+        gateway.run(hooks._poll_task("research", Hook("msg_" + "0" * 32, "research",
                                                           "task_1", "http://127.0.0.1:9/")))
     client = parse(policy, team, "research-key", request_id="r", method="GET", path="tasks/task_1",
                    route="tasks", query=b"", head=Head([]), raw_headers=[], body=b"",
