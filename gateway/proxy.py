@@ -46,9 +46,19 @@ from .errors import (
 from .quota import QuotaState, state_header
 from .request import Head, ParsedRequest, parse, read_json
 from .runtime import Runtime
-from .settlement import Answer, Charge, Decision, End, Kind, decide, read_answer, written_first
+from .settlement import (
+    STORE_SETTLE,
+    Answer,
+    Charge,
+    Decision,
+    End,
+    Kind,
+    decide,
+    read_answer,
+    written_first,
+)
 from .store import Store, StoreError
-from .store.base import IDEMPOTENCY_TTL_MS, Admission, AdmitResult, Completion, Settle, Verdict
+from .store.base import IDEMPOTENCY_TTL_MS, Admission, AdmitResult, Completion, Verdict
 
 PREFIX = "/api/v1/"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -309,8 +319,7 @@ class Proxy:
         reservation = a.reservation
         leader = end in (End.ANSWER, End.STREAM, End.CUT, End.NO_ANSWER)
         if decision.charge is not Charge.NONE and (decision.task or (leader and reservation)):
-            fields["settle"] = {Charge.SETTLE: Settle.CHARGE, Charge.REFUND: Settle.REFUND,
-                                Charge.HOLD: Settle.HOLD}[decision.charge]
+            fields["settle"] = STORE_SETTLE[decision.charge]
             if decision.charge is Charge.HOLD:
                 assert reservation is not None
                 fields.update(reservation_id=reservation.id, period=reservation.period,

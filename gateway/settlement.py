@@ -20,6 +20,7 @@ import orjson
 
 from . import routes
 from .budget import to_milli
+from .store.base import Settle
 
 FINAL = frozenset({"completed", "succeeded", "failed", "error", "cancelled"})
 FAILED = frozenset({"failed", "error", "cancelled"})
@@ -59,6 +60,11 @@ class Charge(enum.Enum):
     SETTLE = "settle"  # settle the reservation to `Decision.credits` (None: as reserved)
     REFUND = "refund"  # give the reservation back whole
     HOLD = "hold"  # keep it under `task:<id>` until the task's final status is seen
+
+
+# what the store does with the reservation for each charge (the request's and the reconciler's)
+STORE_SETTLE = {Charge.SETTLE: Settle.CHARGE, Charge.REFUND: Settle.REFUND,
+                Charge.HOLD: Settle.HOLD}
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .errors import GatewayError
-from .settlement import Answer, Charge, Decision, read_answer, reconcile
+from .settlement import STORE_SETTLE, Answer, Charge, Decision, read_answer, reconcile
 from .store import StoreError
 from .store.base import Completion, PendingReservation, Settle, process_of
 
@@ -94,8 +94,7 @@ class Reconciler:
                           ledger=self.rt.policy.ledger_trim(self.rt.clock()))
         if decision.charge is Charge.HOLD:  # still running: ask again later
             return replace(base, settle=Settle.HOLD, hold_id=r.id, hold_ms=self.rt.task_check_ms)
-        settle = Settle.REFUND if decision.charge is Charge.REFUND else Settle.CHARGE
-        return replace(base, settle=settle, charge=decision.credits)
+        return replace(base, settle=STORE_SETTLE[decision.charge], charge=decision.credits)
 
     async def _poll(self, task_id: str, account: str | None) -> Answer | None:
         """The upstream's answer about a task, asked through the account that created it (no

@@ -28,9 +28,8 @@ _TRANSIENT = ("BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS", "OOM", "READONLY", 
               "CLUSTERDOWN", "MOVED", "ASK", "NOSCRIPT")
 
 
-def reply_error(error: hiredis.ReplyError) -> StoreError | ScriptFailed:
+def reply_error(message: str) -> StoreError | ScriptFailed:
     """What an error reply means: the store is not serving now, or the script failed."""
-    message = str(error)
     if message.startswith(_TRANSIENT):
         return StoreError(f"redis: {message.split(' ', 1)[0]}")
     return ScriptFailed(f"redis: {message}")

@@ -108,10 +108,10 @@ def client_from_url(url: str, *, timeout_s: float) -> tuple[Client, list[Redis]]
 def store_error(exc: BaseException) -> StoreError | ScriptFailed:
     """What a redis-py failure means: the script failed (a defect), or the store is away (and
     whether the command may still have run: not when the connection could not be made)."""
+    # redis-py takes the prefix off these replies' words; the others keep it for reply_error
     transient = (ReadOnlyError, TryAgainError, ClusterDownError, AskError, NoScriptError)
-    if (isinstance(exc, ResponseError) and not isinstance(exc, transient)
-            and not str(exc).startswith(("BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS", "OOM"))):
-        return ScriptFailed(f"redis: {exc}")
+    if isinstance(exc, ResponseError) and not isinstance(exc, transient):
+        return reply_error(str(exc))
     never_sent = "connecting to" in str(exc)  # redis-py's words for a connection not made
     return StoreError(f"redis: {type(exc).__name__}", maybe_ran=not never_sent)
 
@@ -146,7 +146,7 @@ class RedisEngine:
             loads = [("SCRIPT", "LOAD", s.script) for s in self._scripts.values()]
             for reply in await self._direct.execute(loads):
                 if isinstance(reply, hiredis.ReplyError):
-                    raise reply_error(reply)
+                    raise reply_error(str(reply))
             return
         for script in self._scripts.values():
             await self._call(partial(self._redis.script_load, script.script))
@@ -181,7 +181,7 @@ class RedisEngine:
         if self._direct is not None:
             (reply,) = await self._execute([(name, keys, args)])
             if isinstance(reply, hiredis.ReplyError):
-                raise reply_error(reply)
+                raise reply_error(str(reply))
             return reply
         script = self._scripts[name]
         return await self._call(lambda: script(keys=keys, args=args))
@@ -191,7 +191,7 @@ class RedisEngine:
         lost (it restarted) are loaded and only those calls sent again: they never ran. A
         cluster has no pipelines for scripts: there, the calls go out together instead."""
         if self._direct is not None:
-            return [reply_error(r) if isinstance(r, hiredis.ReplyError) else r
+            return [reply_error(str(r)) if isinstance(r, hiredis.ReplyError) else r
                     for r in await self._execute(calls)]
         if isinstance(self._redis, RedisCluster):
             replies = await asyncio.gather(*(self.run(*call) for call in calls),
