@@ -10,9 +10,9 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
@@ -23,6 +23,8 @@ from .budget import from_milli
 if TYPE_CHECKING:
     from .ledger import LedgerDB
     from .ledger.report import Report
+
+T = TypeVar("T")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,8 +204,25 @@ def _utc(when: datetime) -> str:
     return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _ledger(args: argparse.Namespace) -> int:
+def _on_ledger(db: LedgerDB, work: Callable[[], Awaitable[T]], command: str) -> T | None:
+    """`work` on the PostgreSQL ledger, which is closed after; None (said on stderr) when it
+    cannot be reached."""
     from .ledger import LedgerUnavailable
+
+    async def run() -> T:
+        try:
+            return await work()
+        finally:
+            await db.close()
+
+    try:
+        return asyncio.run(run())
+    except LedgerUnavailable as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return None
+
+
+def _ledger(args: argparse.Namespace) -> int:
     from .ledger.migrate import migrate
 
     config = cfg.load(args.config)
@@ -213,15 +232,10 @@ def _ledger(args: argparse.Namespace) -> int:
         return 2
 
     async def run() -> list[str]:
-        try:
-            return [f"{m.version:04d}_{m.name}" for m in await migrate(db)]
-        finally:
-            await db.close()
+        return [f"{m.version:04d}_{m.name}" for m in await migrate(db)]
 
-    try:
-        applied = asyncio.run(run())
-    except LedgerUnavailable as exc:
-        print(f"ledger migrate: {exc}", file=sys.stderr)
+    applied = _on_ledger(db, run, "ledger migrate")
+    if applied is None:
         return 1
     print(f"applied: {', '.join(applied)}" if applied else "the schema is up to date")
     return 0
@@ -285,7 +299,6 @@ def _date(text: str | None, option: str) -> datetime | None:
 
 def _usage_report(args: argparse.Namespace, db: LedgerDB, since: datetime | None,
                   until: datetime | None) -> int:
-    from .ledger import LedgerUnavailable
     from .ledger.report import parse_by, usage
 
     try:
@@ -295,16 +308,10 @@ def _usage_report(args: argparse.Namespace, db: LedgerDB, since: datetime | None
         return 2
 
     async def run() -> Report:
-        try:
-            return await usage(db, by, period=args.period, since=since, until=until,
-                               team=args.team)
-        finally:
-            await db.close()
+        return await usage(db, by, period=args.period, since=since, until=until, team=args.team)
 
-    try:
-        report = asyncio.run(run())
-    except LedgerUnavailable as exc:
-        print(f"usage: {exc}", file=sys.stderr)
+    report = _on_ledger(db, run, "usage")
+    if report is None:
         return 1
     _print_report(args, report)
     return 0

@@ -21,8 +21,6 @@ from gateway.fairness import next_ask
 from gateway.store import Store, open_store
 from gateway.store.base import AccountPace, Admission, Completion, SlotAsk, Verdict
 
-from .conftest import RedisServer
-
 START = 1_700_000_000.0
 
 
@@ -127,15 +125,6 @@ def run(store_url: str, body: Callable[[Store, Clock | None], Awaitable[Any]]) -
             await store.close()
 
     return asyncio.run(main())
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "memory":
-        return "memory://"
-    server: RedisServer = request.getfixturevalue("redis_server")
-    server.cli("FLUSHALL")
-    return server.url
 
 
 def account(name: str, per_minute: int, burst: int = 1) -> AccountPace:
