@@ -8,7 +8,6 @@ URLs: `redis://` and `rediss://` (one server), `redis+sentinel://[:password@]h1:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
 from typing import Any, TypeVar
@@ -132,13 +131,7 @@ class RedisEngine:
         try:
             return await operation()
         except (TimeoutError, RedisError, OSError) as exc:
-            error = store_error(exc)
-            if isinstance(error, StoreError) and isinstance(self._redis, Redis):
-                # The idle connections are suspect too (the server restarted or failed over):
-                # seen reused after a restart, one failed a request each. They connect afresh.
-                with contextlib.suppress(RedisError, OSError):
-                    await self._redis.connection_pool.disconnect(inuse_connections=False)
-            raise error from None
+            raise store_error(exc) from None
 
     async def connect(self) -> None:
         """Load the scripts now, so the first requests do not pay for it (and fail early)."""
