@@ -20,6 +20,7 @@ from . import config as cfg
 from .errors import AuthenticationError, PermissionDenied
 from .jwks import Jwks, JwksSettings
 from .jwt import JwtError, JwtVerifier
+from .records import record
 
 KEY_PREFIX = "aiogw_"
 EXPIRY_WINDOWS = {"7d": 7 * 86400.0, "30d": 30 * 86400.0}  # gateway_keys_expiring{within}
@@ -27,7 +28,7 @@ EXPIRY_WINDOWS = {"7d": 7 * 86400.0, "30d": 30 * 86400.0}  # gateway_keys_expiri
 log = logging.getLogger("gateway")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Principal:
     team: str
     key_id: str

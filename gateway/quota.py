@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .records import record
+
 
 @dataclass(frozen=True, slots=True)
 class Quota:
@@ -35,7 +37,7 @@ class Quota:
         return self.field or self.name
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class QuotaState:
     quota: Quota
     remaining: int

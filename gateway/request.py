@@ -3,7 +3,6 @@ store. Everything after this point reads the immutable `ParsedRequest`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -15,13 +14,14 @@ from .budget import period_id, to_milli
 from .cache import canonical_json, client_directive, request_digest
 from .errors import InvalidRequest, NotFound, PermissionDenied
 from .policy import Policy, TeamPolicy
+from .records import record
 from .settlement import Billing, Kind
 from .store.base import Admission, CacheRef, Reservation
 from .store.keys import digest as key_digest
 from .upstream import request_headers
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ParsedRequest:
     request_id: str
     method: str

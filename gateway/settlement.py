@@ -20,6 +20,7 @@ import orjson
 
 from . import routes
 from .budget import to_milli
+from .records import record
 from .store.base import Settle
 
 FINAL = frozenset({"completed", "succeeded", "failed", "error", "cancelled"})
@@ -67,7 +68,7 @@ STORE_SETTLE = {Charge.SETTLE: Settle.CHARGE, Charge.REFUND: Settle.REFUND,
                 Charge.HOLD: Settle.HOLD}
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Answer:
     """What an upstream answer says that matters to the bill, read once and validated."""
 
@@ -89,7 +90,7 @@ class Answer:
         return self.status == 429 or self.status >= 500
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Billing:
     """The facts of a request that its bill depends on (see `request.ParsedRequest`)."""
 
@@ -109,7 +110,7 @@ class CacheRules:
     max_entry_bytes: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Decision:
     charge: Charge = Charge.NONE
     credits: int | None = None  # with SETTLE: millicredits to charge; None = as reserved

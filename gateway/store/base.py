@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from ..quota import Quota, QuotaState
+from ..records import record
 
 if TYPE_CHECKING:
     from .hooks import Claimed, Hook, Update
@@ -61,7 +62,7 @@ IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000  # how long an Idempotency-Key's answer is
 GUARD_TTL_MS = 7 * 24 * 3600 * 1000  # a guarded completion is never applied twice in this time
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CacheRef:
     """A cache entry: `digest` names it; `shared` entries are visible to every team."""
 
@@ -130,7 +131,7 @@ class AccountState:
     slots_used: int = 0  # slots granted through it in the last minute (a sliding estimate)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class LedgerTrim:
     """How the ledger stream is kept bounded: entries before `min_ms`, beyond `max_len`."""
 
@@ -138,7 +139,7 @@ class LedgerTrim:
     max_len: int = 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Reservation:
     """Credits held from a team's budget (and its key's, if `key` is set) for one request."""
 
@@ -149,7 +150,7 @@ class Reservation:
     key: str = ""  # "<key id>/<its period>": the key's own budget holds it too ('' = none)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Admission:
     team: str
     key_id: str
@@ -169,7 +170,7 @@ class Admission:
     served: tuple[bytes, int] | None = None  # (entry, ttl ms) found elsewhere: a hit
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AdmitResult:
     verdict: Verdict
     now: float  # the store's clock, epoch seconds
@@ -191,7 +192,7 @@ class Settle(enum.Enum):
     HOLD = "hold"  # keep it, keyed by the task id, until the task's final status
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Completion:
     """All the bookkeeping of one finished request, done in one round trip, idempotently:
     a reservation is settled once (by whoever removes it), locks are only released by their
@@ -217,7 +218,7 @@ class Completion:
     direct: Reservation | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Settled:
     settled: bool  # False: the reservation was already settled (or never existed)
     spent: int = 0  # the reservation's period, after settling
