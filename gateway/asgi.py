@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
+import random
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -122,7 +122,13 @@ def request_id_of(headers: Headers) -> str:
             if 0 < len(value) <= 128 and all(0x21 <= c <= 0x7E for c in value):
                 return value.decode()
             break
-    return os.urandom(16).hex()
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    """128 random bits in hex: unique, not secret, so Python's generator (reseeded in each
+    forked worker) rather than a system call per request (`os.urandom`)."""
+    return f"{random.getrandbits(128):032x}"
 
 
 class RequestIdMiddleware:

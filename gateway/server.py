@@ -24,7 +24,6 @@ again, so the process would end with status 143. A gateway that finished its wor
 from __future__ import annotations
 
 import asyncio
-import os
 from types import FrameType
 from typing import Any
 
@@ -33,6 +32,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
+from .asgi import new_request_id
 from .errors import error_body
 
 APP = "gateway.app:create_app_from_env"
@@ -135,7 +135,7 @@ class HttpProtocol(HttpToolsProtocol):
         head += [
             b"content-type: application/json\r\n",
             b"content-length: ", str(len(body)).encode(), b"\r\n",
-            b"x-request-id: ", os.urandom(16).hex().encode(), b"\r\n",
+            b"x-request-id: ", new_request_id().encode(), b"\r\n",
             b"connection: close\r\n\r\n",
             body,
         ]
