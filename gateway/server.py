@@ -61,7 +61,7 @@ class HttpProtocol(HttpToolsProtocol):
                                 else HEAD_TIMEOUT_S)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(_Coalesced(transport, self.loop))  # type: ignore[arg-type]
         self._await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -143,6 +143,53 @@ class HttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+class _Coalesced:
+    """A connection's transport whose writes in one turn of the event loop leave as one.
+
+    uvicorn writes an answer's head and its body as they are sent (two ASGI messages), each a
+    system call and a TCP segment of its own; here they go out together at the end of the turn
+    (at once past `_FLUSH_BYTES`, and before a close). Everything else is the transport's.
+    """
+
+    __slots__ = ("_loop", "_pending", "_size", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(data)
+        self._size += len(data)
+        if self._size > _FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self._size = 0
+            if not self._transport.is_closing():  # the client may have gone meanwhile
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending.clear()
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+_FLUSH_BYTES = 64 * 1024
+
+
 class Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
@@ -154,6 +201,7 @@ def serve(*, host: str, port: int, workers: int, grace_s: float, head_timeout_s:
     config = Config(
         APP, factory=True, host=host, port=port, workers=workers, loop="uvloop",
         http=HttpProtocol, ws="none", log_config=None, access_log=False, server_header=False,
+        proxy_headers=False,  # the gateway reads neither the client's address nor its scheme
         timeout_graceful_shutdown=int(grace_s), head_timeout_s=head_timeout_s,
     )
     if workers > 1:
