@@ -6,9 +6,7 @@ chosen by PASSTHROUGH_ENGINE:
 
 - `httpx`: one pooled `httpx.AsyncClient` (httpcore, h11);
 - `httpx-aiohttp`: httpx over the `httpx-aiohttp` package's transport;
-- `lean`: httpx over the gateway's own transport (`gateway.upstream.AiohttpTransport`);
-- `upstream`: the gateway's `Upstream.send` itself (that transport without `httpx.AsyncClient`,
-  with the gateway's header hygiene);
+- `upstream`: the gateway's `Upstream.send` itself (aiohttp with the gateway's header hygiene);
 - `aiohttp`: one `aiohttp.ClientSession`, used directly;
 - `constant`: no upstream at all, the stub's answer as a constant: the floor of Starlette itself.
 
@@ -32,7 +30,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import config as cfg
-from gateway.upstream import AiohttpTransport, Upstream
+from gateway.upstream import Upstream
 
 UPSTREAM = os.environ.get("UPSTREAM_URL", "http://127.0.0.1:8099/api/v1").rstrip("/") + "/"
 KEY = os.environ.get("UPSTREAM_KEY", "aio_mock_key")
@@ -69,8 +67,9 @@ def upstream_forward() -> Engine:
         headers = [(k, v) for k, v in request.headers.raw if k not in DROP]
         answer = await upstream.send(request.method, request.path_params["path"], b"",
                                      headers, await request.body())
+        media_type = answer.header(b"content-type")
         return Response(answer.content, answer.status_code,
-                        media_type=answer.headers.get("content-type"))
+                        media_type=media_type.decode() if media_type else None)
 
     return forward, upstream.aclose
 
@@ -114,7 +113,6 @@ def constant_forward() -> Engine:
 ENGINES: dict[str, Callable[[], Engine]] = {
     "httpx": lambda: httpx_forward(None),
     "httpx-aiohttp": lambda: httpx_forward(_httpx_aiohttp()),
-    "lean": lambda: httpx_forward(AiohttpTransport(max_connections=POOL, verify=TLS)),
     "upstream": upstream_forward,
     "aiohttp": aiohttp_forward,
     "constant": constant_forward,

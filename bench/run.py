@@ -15,7 +15,7 @@ install -y wrk nginx), redis-server for the Redis cases and py-spy (pip install 
 in a venv under --cache-dir on first use; when that fails the row is left out with a note.
 
 Engine comparison (the upstream HTTP clients, see the README's Benchmarks section):
-`--cases c,c_hx,c_lean,c_up,c_aio,k --out bench/ENGINES.md`.
+`--cases c,c_hx,c_up,c_aio,k --out bench/ENGINES.md`.
 The cost of tracing: `--cases e,e_trace,e_trace10 --baseline e --out bench/TRACING.md`.
 """
 
@@ -88,10 +88,8 @@ CASES = {c.id: c for c in [
          "passthrough_httpx"),
     Case("c_hx", "(c-hx) pass-through, httpx over httpx-aiohttp", "as (c) with httpx over the "
          "`httpx-aiohttp` package's transport", "passthrough_httpx-aiohttp"),
-    Case("c_lean", "(c-lean) pass-through, httpx over the gateway's transport", "as (c) with "
-         "httpx.AsyncClient over `gateway.upstream.AiohttpTransport`", "passthrough_lean"),
     Case("c_up", "(c-up) pass-through, the gateway's Upstream", "as (c) with the gateway's "
-         "`Upstream.send` (its transport without httpx.AsyncClient, with its header hygiene)",
+         "`Upstream.send` (aiohttp with its header hygiene)",
          "passthrough_upstream"),
     Case("c_aio", "(c-aio) Starlette + aiohttp client pass-through", "as (c) with one "
          "aiohttp.ClientSession used directly: the floor for a Python proxy",

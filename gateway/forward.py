@@ -14,8 +14,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import httpx
-
 from .asgi import Headers, Message, Receive, Reply, head_length, wait_disconnect
 from .errors import UpstreamUnavailable
 from .fairness import Passage, busy
@@ -24,7 +22,7 @@ from .runtime import Runtime
 from .settlement import End
 from .store import StoreError
 from .tracing import upstream_call
-from .upstream import response_headers
+from .upstream import UpstreamBroken, UpstreamResponse, response_headers, unavailable
 
 log = logging.getLogger("gateway")
 TAIL_BYTES = 65536  # what a stream keeps of its end: the last events carry the credits
@@ -77,7 +75,10 @@ async def relay(rt: Runtime, req: ParsedRequest, seen: Upstreamed, receive: Rece
         async with asyncio.timeout_at(deadline):
             response = await _send(rt, req, seen, passage, stream=True)
             if not 200 <= response.status_code < 300:
-                await response.aread()
+                try:
+                    await response.aread()
+                except UpstreamBroken as exc:
+                    raise unavailable(exc) from None
                 return Streamed(End.ANSWER, response.status_code, answer_headers(response),
                                 response.content, response.content)
     except TimeoutError:
@@ -113,7 +114,7 @@ async def relay(rt: Runtime, req: ParsedRequest, seen: Upstreamed, receive: Rece
                 complete = True
             finally:
                 gone.remove_done_callback(expire)
-    except (httpx.TransportError, TimeoutError) as exc:
+    except (UpstreamBroken, TimeoutError) as exc:
         if not gone.done():
             log.warning("upstream stream broke off", extra={"fields": {
                 "request_id": req.request_id, "error": type(exc).__name__}})
@@ -128,7 +129,7 @@ async def relay(rt: Runtime, req: ParsedRequest, seen: Upstreamed, receive: Rece
 
 
 async def _send(rt: Runtime, req: ParsedRequest, seen: Upstreamed, passage: Passage,
-                *, stream: bool) -> httpx.Response:
+                *, stream: bool) -> UpstreamResponse:
     """Through the account whose slot the request holds; an account that refuses its key or
     has no credits (401/402) leaves the rotation, and the request moves to another."""
     account = await passage.take()
@@ -186,7 +187,7 @@ def _seen(rt: Runtime, req: ParsedRequest, seen: Upstreamed, status: str, starte
         rt.metrics.upstream_account_requests.labels(seen.account, status).inc()
 
 
-def answer_headers(response: httpx.Response) -> Headers:
+def answer_headers(response: UpstreamResponse) -> Headers:
     """The upstream's headers a client may see; `Retry-After` only where it means something,
     and for a HEAD the length its GET would have had."""
     status = response.status_code
@@ -194,6 +195,6 @@ def answer_headers(response: httpx.Response) -> Headers:
                if k != b"retry-after" or status in (429, 503)]
     if status == 429 and not any(k == b"retry-after" for k, _ in headers):
         headers.append((b"retry-after", b"1"))  # the contract promises one on every 429
-    if response.request.method == "HEAD":
-        headers += head_length(status, response.headers.raw)
+    if response.method == "HEAD":
+        headers += head_length(status, response.headers)
     return headers

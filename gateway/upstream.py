@@ -1,7 +1,7 @@
 """The one pool of connections to apiin.one: header hygiene, key swap, safe retries.
 
-The gateway sees httpx's `Request` and `Response`; under them, `AiohttpTransport` moves the
-bytes with aiohttp's pool and C parser (chosen by measurement: README, Benchmarks).
+aiohttp's client moves the bytes, with its pool and C parser, and nothing around it (chosen by
+measurement: README, Benchmarks).
 
 Retries happen only where they cannot double a charge: when the connection failed before the
 request was sent (any method), and for GETs answered 429/502/503/504 (honouring `Retry-After`).
@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import certifi
-import httpx
 import yarl
 
 from . import __version__
@@ -41,13 +40,13 @@ _DROP_REQUEST = HOP_BY_HOP | {
     b"host", b"authorization", b"cookie", b"content-length", b"expect", b"accept-encoding",
     b"idempotency-key", b"cache-control", b"forwarded", b"x-real-ip", b"x-gateway-tags",
 }
-# Dropped from the upstream's answer: framing httpx has undone, cookies, and the account's own
+# Dropped from the upstream's answer: framing aiohttp has undone, cookies, and the account's own
 # rate-limit state (the team sees its quota instead).
 _DROP_RESPONSE = HOP_BY_HOP | {
     b"content-length", b"content-encoding", b"set-cookie", b"server", b"date",
     b"www-authenticate", b"alt-svc", b"x-request-id",
 }
-# Sent unless the client sent its own (Accept-Encoding: what httpx decodes without extras).
+# Sent unless the client sent its own (Accept-Encoding: what aiohttp decodes without extras).
 _DEFAULT_HEADERS: Headers = [
     (b"accept", b"*/*"), (b"accept-encoding", b"gzip, deflate"),
     (b"user-agent", f"aio-gateway/{__version__}".encode()),
@@ -75,8 +74,8 @@ def request_headers(client: Headers, *, request_id: bytes, json_body: bool) -> H
     return out
 
 
-def response_headers(upstream: httpx.Headers) -> Headers:
-    raw = [(k.lower(), v) for k, v in upstream.raw]
+def response_headers(upstream: Headers) -> Headers:
+    raw = [(k.lower(), v) for k, v in upstream]
     listed = _connection_listed(raw)
     return [
         (k, v) for k, v in raw
@@ -99,104 +98,46 @@ def retry_after_s(value: str | None) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    """httpx's transport seam over aiohttp's connection pool and C HTTP parser.
+class UpstreamResponse:
+    """The upstream's answer: its status and headers (as received) at once, its body read
+    whole by `send` (`content`) or, for a stream, as it comes (`aiter_bytes`, then `aclose`).
 
-    The rest of the gateway keeps httpx's `Request` / `Response`; only the bytes on the wire go
-    through aiohttp, which costs a fraction of httpcore's CPU per request (bench/ENGINES.md).
-    The request is sent as built (no headers added, no redirects, cookies or environment
-    proxies); bodies are not decompressed here (httpx decodes them, as its own transport
-    would). Timeouts come from `request.extensions["timeout"]`, as httpx sets them: `pool`
-    bounds the wait for a pooled connection plus connecting, `connect` a new connection,
-    `read` each read.
-
-    A response that is not read to its end, or whose reader is cancelled, closes its connection
+    A body that is not read to its end, or whose reader is cancelled, closes its connection
     instead of lending it again: the pool never holds a half-read connection.
     """
 
-    def __init__(self, *, max_connections: int, verify: ssl.SSLContext) -> None:
-        self._max_connections = max_connections
-        self._tls = verify
-        self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
+    __slots__ = ("_answer", "content", "headers", "method", "status_code")
 
-    @property
-    def in_use(self) -> int:
-        """Connections lent out right now (requests sending or bodies being read); aiohttp
-        keeps no public count."""
-        connector = self._session.connector if self._session is not None else None
-        return len(connector._acquired) if isinstance(connector, aiohttp.TCPConnector) else 0
-
-    def _open(self) -> aiohttp.ClientSession:
-        """The session, made on first use: aiohttp binds it to the running event loop."""
-        connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=self._tls)
-        session = aiohttp.ClientSession(
-            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
-            skip_auto_headers=_AIOHTTP_AUTO_HEADERS, trust_env=False,
-            timeout=aiohttp.ClientTimeout(),
-        )
-        # aiohttp resends an idempotent request once when a kept-alive connection breaks; the
-        # gateway's retries are its own (each books an upstream slot), so that one is off.
-        session._retry_connection = False
-        return session
-
-    def _timeout(self, request: httpx.Request) -> aiohttp.ClientTimeout:
-        given = request.extensions.get("timeout", {})
-        key = (given.get("pool"), given.get("connect"), given.get("read"))
-        timeout = self._timeouts.get(key)
-        if timeout is None:
-            timeout = aiohttp.ClientTimeout(connect=key[0], sock_connect=key[1], sock_read=key[2])
-            self._timeouts[key] = timeout
-        return timeout
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        session = self._session
-        if session is None:
-            session = self._session = self._open()
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
-        try:
-            answer = await session.request(
-                request.method, yarl.URL(str(request.url), encoded=True), headers=headers,
-                data=await request.aread() or None, allow_redirects=False,
-                timeout=self._timeout(request),
-            )
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _httpx_error(exc, request) from exc
-        return httpx.Response(
-            answer.status, headers=answer.raw_headers, stream=_Body(answer, request),
-            request=request, extensions={"http_version": b"HTTP/1.1",
-                                         "reason_phrase": (answer.reason or "").encode()},
-        )
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-
-_AIOHTTP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
-
-
-class _Body(httpx.AsyncByteStream):
-    """An aiohttp response's body as httpx reads it: chunks as they arrive."""
-
-    def __init__(self, answer: aiohttp.ClientResponse, request: httpx.Request) -> None:
+    def __init__(self, answer: aiohttp.ClientResponse, method: str) -> None:
         self._answer = answer
-        self._request = request
+        self.status_code = answer.status
+        self.headers: Headers = list(answer.raw_headers)
+        self.method = method
+        self.content = b""
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a header (`name` in lower case)."""
+        return next((v for k, v in self.headers if k.lower() == name), None)
 
-    async def __anext__(self) -> bytes:
-        try:
-            chunk = await self._answer.content.readany()
-        except BaseException as exc:  # cancelled or broken: never lend this connection again
-            self._answer.close()
-            if isinstance(exc, aiohttp.ClientError | TimeoutError):
-                raise _httpx_error(exc, self._request) from exc
-            raise
-        if not chunk:
-            raise StopAsyncIteration
-        return chunk
+    async def aread(self) -> bytes:
+        """The whole body; raises `UpstreamBroken` when it breaks off."""
+        self.content = b"".join([chunk async for chunk in self.aiter_bytes()])
+        return self.content
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """The body's chunks as they arrive (decoded, when the upstream compressed it)."""
+        content = self._answer.content
+        while True:
+            try:
+                chunk = await content.readany()
+            except BaseException as exc:  # cancelled or broken: never lend this connection
+                self._answer.close()
+                if isinstance(exc, aiohttp.ClientError | TimeoutError):
+                    raise UpstreamBroken(_broken(exc)) from exc
+                raise
+            if not chunk:
+                return
+            yield chunk
 
     async def aclose(self) -> None:
         # at its end the body already gave its connection back; before it, close the connection
@@ -206,55 +147,88 @@ class _Body(httpx.AsyncByteStream):
             self._answer.close()
 
 
-def _httpx_error(exc: BaseException, request: httpx.Request) -> httpx.TransportError:
-    """aiohttp's error as the httpx error the gateway (and httpx's own transport) would raise."""
-    kind: type[httpx.TransportError]
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        kind = httpx.ConnectTimeout
-    elif isinstance(exc, TimeoutError):
-        kind = httpx.ReadTimeout
-    elif isinstance(exc, aiohttp.ClientConnectorError):
-        kind = httpx.ConnectError
-    elif isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
-        kind = httpx.UnsupportedProtocol
-    elif isinstance(exc, aiohttp.ClientOSError):
-        kind = httpx.ReadError
-    else:  # disconnected, a broken body or a malformed answer
-        kind = httpx.RemoteProtocolError
-    return kind(str(exc) or type(exc).__name__, request=request)
+class UpstreamBroken(Exception):
+    """No whole answer: `kind` says why: `connect` or `connect_timeout` (no connection was
+    made, so the request was not sent), `timeout` (no byte for the read timeout) or `broken`
+    (the connection failed or the answer was malformed)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+    @property
+    def unsent(self) -> bool:
+        return self.kind in ("connect", "connect_timeout")
+
+
+def _broken(exc: BaseException) -> str:
+    """What kind of failure an aiohttp error is (see `unavailable`)."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError | aiohttp.ClientConnectorError):
+        return "connect_timeout" if isinstance(exc, TimeoutError) else "connect"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "broken"
+
+
+_AIOHTTP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
 
 
 class Upstream:
-    def __init__(self, config: cfg.Upstream, *,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    """aiohttp's client, used directly: httpx's `Request` and `Response` objects around it cost
+    more CPU than the rest of a forwarded request's gateway code (bench/ENGINES.md)."""
+
+    def __init__(self, config: cfg.Upstream, *, verify: ssl.SSLContext | None = None) -> None:
         self.retries = config.retries
         # one Authorization header per account (`config.accounts`, or the one `api_key`)
-        self._auth = {account.id: (b"authorization", b"Bearer " + account.api_key.encode())
+        self._auth = {account.id: ("authorization", f"Bearer {account.api_key}")
                       for account in cfg.accounts_of(config)}
         self._default = next(iter(self._auth))
         self._base = config.base_url.rstrip("/") + "/"
-        self._urls: dict[str, httpx.URL] = {}
-        self._host = (b"host", httpx.URL(self._base).netloc)
-        self._extensions = {"timeout": httpx.Timeout(
-            config.timeout_s, connect=config.connect_timeout_s).as_dict()}
-        self._transport = transport or AiohttpTransport(
-            max_connections=config.max_connections,
-            verify=ssl.create_default_context(cafile=certifi.where()),  # loaded once
-        )
+        self._urls: dict[str, yarl.URL] = {}
+        # `connect` bounds the wait for a pooled connection plus connecting, `sock_connect` a
+        # new connection, `sock_read` each read
+        self._timeout = aiohttp.ClientTimeout(connect=config.timeout_s,
+                                              sock_connect=config.connect_timeout_s,
+                                              sock_read=config.timeout_s)
+        self._max_connections = config.max_connections
+        # TLS verified against certifi's roots, loaded once
+        self._tls = verify or ssl.create_default_context(cafile=certifi.where())
+        self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
         return f"Upstream(base_url={self._base!r})"
 
-    async def aclose(self) -> None:
-        await self._transport.aclose()
+    @property
+    def in_use(self) -> int:
+        """Connections lent out right now (requests sending or bodies being read); aiohttp
+        keeps no public count."""
+        connector = self._session.connector if self._session is not None else None
+        return len(connector._acquired) if isinstance(connector, aiohttp.TCPConnector) else 0
 
-    def _url(self, path: str, query: bytes) -> httpx.URL:
+    def _open(self) -> aiohttp.ClientSession:
+        """The session, made on first use: aiohttp binds it to the running event loop. The
+        request goes out as built: no redirects, cookies or environment proxies."""
+        connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=self._tls)
+        session = aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=_AIOHTTP_AUTO_HEADERS, trust_env=False, timeout=self._timeout,
+        )
+        # aiohttp resends an idempotent request once when a kept-alive connection breaks; the
+        # gateway's retries are its own (each books an upstream slot), so that one is off.
+        session._retry_connection = False
+        return session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _url(self, path: str, query: bytes) -> yarl.URL:
         """The absolute URL; the documented endpoints are parsed once."""
         if query:
-            return httpx.URL(self._base + path, query=query)
+            return yarl.URL(f"{self._base}{path}?{query.decode('latin-1')}")
         url = self._urls.get(path)
         if url is None:
-            url = httpx.URL(self._base + path)
+            url = yarl.URL(self._base + path)
             if path in ENDPOINTS:
                 self._urls[path] = url
         return url
@@ -270,39 +244,36 @@ class Upstream:
         stream: bool = False,
         before_retry: Callable[[], Awaitable[None]] | None = None,
         account: str | None = None,
-    ) -> httpx.Response:
+    ) -> UpstreamResponse:
         """Send with `account`'s key (None, or an account no longer configured: the first
         account's); raise `UpstreamUnavailable` when no answer came.
 
         With `stream`, the body is left to read (`aiter_bytes`) and the caller must `aclose()`
         the response; otherwise it is read before returning."""
+        session = self._session
+        if session is None:
+            session = self._session = self._open()
         given = {name for name, _ in headers}
-        framing = [self._host]
-        if body or method in ("POST", "PUT", "PATCH"):
-            framing.append((b"content-length", str(len(body)).encode()))
-        # framing as httpx would add it, given here so that httpx need not work it out
-        request = httpx.Request(
-            method, self._url(path, query),
-            headers=[*framing, *(h for h in _DEFAULT_HEADERS if h[0] not in given), *headers,
-                     self._auth.get(account or self._default, self._auth[self._default])],
-            stream=httpx.ByteStream(body), extensions=self._extensions,
-        )
+        sent = [*((k.decode("latin-1"), v.decode("latin-1")) for k, v in _DEFAULT_HEADERS
+                  if k not in given),
+                *((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers),
+                self._auth.get(account or self._default, self._auth[self._default])]
+        url = self._url(path, query)
         attempt = 0
         while True:
             wait: float | None = None
             try:
-                response = await self._transport.handle_async_request(request)
+                response = await _request(session, method, url, sent, body)
                 if not stream:
-                    await _read(response)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                if attempt >= self.retries:
-                    raise _unavailable(exc) from None
-            except httpx.TransportError as exc:
-                raise _unavailable(exc) from None
+                    await response.aread()
+            except UpstreamBroken as exc:
+                if not exc.unsent or attempt >= self.retries:
+                    raise unavailable(exc) from None
             else:
                 if method != "GET" or response.status_code not in _RETRY_STATUS:
                     return response
-                wait = retry_after_s(response.headers.get("retry-after"))
+                value = response.header(b"retry-after")
+                wait = retry_after_s(value.decode("latin-1") if value else None)
                 if attempt >= self.retries or (wait is not None and wait > _MAX_RETRY_WAIT_S):
                     return response
                 await response.aclose()
@@ -313,17 +284,20 @@ class Upstream:
                 await before_retry()
 
 
-async def _read(response: httpx.Response) -> None:
+async def _request(session: aiohttp.ClientSession, method: str, url: yarl.URL,
+                   headers: list[tuple[str, str]], body: bytes) -> UpstreamResponse:
     try:
-        await response.aread()
-    except BaseException:
-        await response.aclose()
-        raise
+        answer = await session.request(method, url, headers=headers, data=body or None,
+                                       allow_redirects=False)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise UpstreamBroken(_broken(exc)) from exc
+    return UpstreamResponse(answer, method)
 
 
-def _unavailable(exc: httpx.TransportError) -> UpstreamUnavailable:
-    if isinstance(exc, httpx.TimeoutException):
+def unavailable(exc: UpstreamBroken) -> UpstreamUnavailable:
+    """The client's error for an upstream call that brought no answer."""
+    if exc.kind in ("timeout", "connect_timeout"):
         return UpstreamUnavailable("The upstream API did not answer in time.", status=504)
-    if isinstance(exc, httpx.ConnectError):
+    if exc.kind == "connect":
         return UpstreamUnavailable("The upstream API could not be reached.")
     return UpstreamUnavailable("The upstream API closed the connection before answering.")
