@@ -360,9 +360,12 @@ class Proxy:
         reply.headers.append((b"age", str(max(0, int(ttl_s - result.entry_ttl_s))).encode()))
         if credits:
             self.rt.metrics.credits_saved.labels(req.team.name).inc(from_milli(credits))
-        decision = decide(req.billing, End.HIT, _answer_of(reply), self.rt.policy.cache_rules)
+        # a hit's decision reads its answer only for the task an async endpoint's answer names
+        # (`decide`, End.HIT): the cached body is not parsed again for anything else
+        answer = _answer_of(reply) if req.billing.kind is Kind.CREATE else None
+        decision = decide(req.billing, End.HIT, answer, self.rt.policy.cache_rules)
         if decision.owner is not None:  # an organisation-wide answer: the task is ours too
-            await self._conclude(req, store, ex, End.HIT, reply, _answer_of(reply))
+            await self._conclude(req, store, ex, End.HIT, reply, answer)
         return reply
 
     async def _coalesced(self, req: ParsedRequest, leader: Reply, store: Store,

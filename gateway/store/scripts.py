@@ -39,6 +39,9 @@ SCRIPTS = ("admit", "finish", "cancel", "pace", "slot", "claim", "accounts", "fl
            "store_entry", "processes", "lock", "command", "now", *hooks.SCRIPTS)
 
 SLOT_KEYS = ("sched", "queue", "due", "waiters", "minq")  # lib_slots.lua's S
+# admit.lua's keys that are the team's own whatever the request (placeholders where it has none)
+_ADMIT_FIXED = ("revoked", "quota", "idem", "task", "cache", "flight", "budget", "resv", "ledger",
+                *SLOT_KEYS)
 
 Call = tuple[str, Sequence[str], payload.Args]
 
@@ -66,6 +69,7 @@ class ScriptStore:
     def __init__(self, engine: Engine, *, prefix: str = "aio") -> None:
         self.keys = Keys(prefix)
         self.engine = engine
+        self._fixed: dict[str, tuple[str, ...]] = {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(prefix={self.keys.prefix!r})"
@@ -94,20 +98,25 @@ class ScriptStore:
 
     def _admit_keys(self, a: Admission) -> list[str]:
         k, team = self.keys, a.team
-        slots = self._slot_keys() if a.slot else [k.team(team, name) for name in SLOT_KEYS]
-        entry_key, flight_key = k.cache(team, a.cache) if a.cache else ("", "")
+        fixed = self._fixed.get(team)
+        if fixed is None:  # a team's own key names, made once (teams are few, and configured)
+            fixed = self._fixed[team] = tuple(k.team(team, name) for name in _ADMIT_FIXED)
+        revoked, quota, idem, task, cache, flight, budget, resv, ledger, *team_slots = fixed
+        slots = self._slot_keys() if a.slot else team_slots
+        if a.cache:
+            cache, flight = k.cache(team, a.cache)
         return [
-            k.team(team, "revoked"),
-            k.team(team, "quota"),
-            k.idempotency(team, a.idempotency[0]) if a.idempotency else k.team(team, "idem"),
-            k.task(team, a.task_id) if a.task_id else k.team(team, "task"),
-            entry_key or k.team(team, "cache"),
-            flight_key or k.team(team, "flight"),
-            k.team(team, "budget"),
-            k.team(team, "resv"),
+            revoked,
+            quota,
+            k.idempotency(team, a.idempotency[0]) if a.idempotency else idem,
+            k.task(team, a.task_id) if a.task_id else task,
+            cache,
+            flight,
+            budget,
+            resv,
             slots[0],
             k.team(team, f"void:{a.ticket}"),
-            k.team(team, "ledger"),
+            ledger,
             *slots[1:],
         ]
 
