@@ -121,7 +121,13 @@ class UpstreamResponse:
 
     async def aread(self) -> bytes:
         """The whole body; raises `UpstreamBroken` when it breaks off."""
-        self.content = b"".join([chunk async for chunk in self.aiter_bytes()])
+        try:
+            self.content = await self._answer.read()
+        except BaseException as exc:
+            broken = self._failed(exc)
+            if broken is None:
+                raise
+            raise broken from exc
         return self.content
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
@@ -130,14 +136,22 @@ class UpstreamResponse:
         while True:
             try:
                 chunk = await content.readany()
-            except BaseException as exc:  # cancelled or broken: never lend this connection
-                self._answer.close()
-                if isinstance(exc, aiohttp.ClientError | TimeoutError):
-                    raise UpstreamBroken(_broken(exc)) from exc
-                raise
+            except BaseException as exc:
+                broken = self._failed(exc)
+                if broken is None:
+                    raise
+                raise broken from exc
             if not chunk:
                 return
             yield chunk
+
+    def _failed(self, exc: BaseException) -> UpstreamBroken | None:
+        """A read that failed or was cancelled: the connection is never lent again; an
+        aiohttp error is `UpstreamBroken` (None: anything else, a cancellation, goes on as is)."""
+        self._answer.close()
+        if isinstance(exc, aiohttp.ClientError | TimeoutError):
+            return UpstreamBroken(_broken(exc))
+        return None
 
     async def aclose(self) -> None:
         # at its end the body already gave its connection back; before it, close the connection
