@@ -53,6 +53,7 @@ class HttpProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _head_too_large = False
     _head_started = False
+    _head_due: float | None = None  # when the awaited head must have arrived (None: not awaited)
     _head_timer: asyncio.TimerHandle | None = None
 
     def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
@@ -65,7 +66,10 @@ class HttpProtocol(HttpToolsProtocol):
         self._await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_head_timer()
+        self._head_due = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
@@ -75,17 +79,23 @@ class HttpProtocol(HttpToolsProtocol):
             self._await_head()
 
     def _await_head(self) -> None:
-        self._stop_head_timer()
+        """Start the wait for a head. One timer per connection, set when none is pending and
+        checked when it fires: a kept-alive connection costs a timer per `head_timeout_s`, not
+        two timer operations per request."""
         self._head_started = False
-        self._head_timer = self.loop.call_later(self._head_timeout_s, self._head_timed_out)
+        self._head_due = self.loop.time() + self._head_timeout_s
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(self._head_due, self._head_check)
 
-    def _stop_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timed_out(self) -> None:
+    def _head_check(self) -> None:
         self._head_timer = None
+        due = self._head_due
+        if due is None:
+            return
+        if due > self.loop.time():  # a later wait than the one this timer was set for
+            self._head_timer = self.loop.call_at(due, self._head_check)
+            return
+        self._head_due = None
         if self.transport.is_closing():
             return
         if self._head_started:
@@ -100,7 +110,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._head_started = True
 
     def on_headers_complete(self) -> None:
-        self._stop_head_timer()
+        self._head_due = None  # the timer, if pending, finds nothing to do
         super().on_headers_complete()
 
     def on_url(self, url: bytes) -> None:
@@ -127,7 +137,7 @@ class HttpProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, reason: bytes, message: str) -> None:
         """Answer in the error shape and close: what follows on the connection is unreadable."""
-        self._stop_head_timer()
+        self._head_due = None
         body = error_body(status, message, "invalid_request")
         head = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         for name, value in self.server_state.default_headers:
