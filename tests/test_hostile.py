@@ -14,6 +14,7 @@ import logging
 import re
 import select
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -304,6 +305,20 @@ def test_a_connection_that_sends_nothing_is_closed(
     with Raw(gateway.port, timeout=30) as conn:
         conn.send(request("GET", "/healthz", key=""))
         assert conn.answer().status == 200
+        assert conn.closed()
+
+
+def test_a_busy_connection_outlives_the_head_timeout(
+        gateway_process: Callable[..., GatewayProcess], mock: Mock) -> None:
+    """The head timeout bounds one wait, not the connection: requests spaced well inside it on
+    one connection, for longer than it in all, are all answered on that connection."""
+    gateway = gateway_process(base_config(mock.api_url, listen={"head_timeout_s": 1}))
+    started = time.monotonic()
+    with Raw(gateway.port, timeout=30) as conn:
+        while time.monotonic() - started < 2.5:
+            conn.send(request("GET", "/healthz", key=""))
+            assert conn.answer().status == 200
+            time.sleep(0.25)  # the client's pace, well inside the 1 s a head may take
         assert conn.closed()
 
 
