@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 import pytest
+import uvloop
 
 from gateway.quota import Quota, gcra
 from gateway.store import Store, open_store
@@ -521,6 +524,39 @@ def test_a_hung_redis_times_out_every_waiting_call_then_serves_again(
             await store.close()
 
     asyncio.run(main())
+
+
+def test_a_busy_event_loop_is_not_taken_for_a_hung_redis(private_redis: RedisServer) -> None:
+    """Redis answers while the gateway's event loop is busy past the store's timeout (a burst
+    on a loaded machine): the loop then runs its timers before it reads the reply. The reply
+    is read, not thrown away as a timeout (a 503 for a request Redis had answered)."""
+    async def main() -> None:
+        store = open_store(private_redis.url, prefix="test", timeout_s=0.2)
+        await store.connect()
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+
+        class Busy(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                private_redis.resume()  # Redis answers now, while the loop is busy
+                time.sleep(0.5)  # a loop that does not come back in time, on purpose
+
+        transport, _ = await loop.create_connection(Busy, sock=ours)
+        try:
+            await store.budgets([("t", "m2026-11")])  # connected
+            private_redis.pause()
+            call = asyncio.ensure_future(store.admit(admission("busy")))
+            for _ in range(3):  # the call runs and its command is written
+                await asyncio.sleep(0)
+            theirs.send(b"x")
+            assert (await call).verdict is Verdict.ADMIT
+        finally:
+            private_redis.resume()
+            transport.close()
+            theirs.close()
+            await store.close()
+
+    uvloop.run(main())  # the gateway's loop: asyncio's own reads before it runs timers
 
 
 def test_a_demoted_master_is_left_for_the_next_connection(private_redis: RedisServer,

@@ -28,6 +28,8 @@ from .base import ScriptFailed, StoreError
 _TRANSIENT = ("BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS", "OOM", "READONLY", "TRYAGAIN",
               "CLUSTERDOWN", "MOVED", "ASK", "NOSCRIPT")
 
+_LAST_LOOK_S = 0.001  # an overdue call's reply is looked for once more, this much later
+
 
 def reply_error(message: str) -> StoreError | ScriptFailed:
     """What an error reply means: the store is not serving now, or the script failed."""
@@ -56,6 +58,7 @@ class _Link(asyncio.Protocol):
         self._waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._outgoing: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._overdue: asyncio.Future[Any] | None = None  # the call found overdue, if any
         self.failed: StoreError | None = None
         self.closed = self._loop.create_future()
         self._transport.set_protocol(self)
@@ -107,11 +110,17 @@ class _Link(asyncio.Protocol):
         self._timer = None
         if not self._waiting:
             return
-        deadline = self._waiting[0][1]
-        if deadline <= self._loop.time():
-            self.fail("redis: TimeoutError")
-        else:
+        oldest, deadline = self._waiting[0]
+        if deadline > self._loop.time():
             self._timer = self._loop.call_at(deadline, self._check)
+        elif oldest is not self._overdue:
+            # A loop busy past the deadline runs its timers before it reads the sockets that
+            # became readable meanwhile: the reply may be waiting unread. One more look, after
+            # the loop has polled its sockets once, before the call is failed.
+            self._overdue = oldest
+            self._timer = self._loop.call_at(self._loop.time() + _LAST_LOOK_S, self._check)
+        else:
+            self.fail("redis: TimeoutError")
 
     def fail(self, message: str) -> None:
         """Drop the connection: every call still waiting fails (its command may have run)."""
