@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
 import orjson
 
 from .asgi import Headers, Reply
-
-
-def canonical_json(payload: Any) -> bytes:
-    """Sorted keys, no insignificant whitespace: equal JSON documents give equal bytes."""
-    return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
 
 
 def request_digest(*parts: bytes) -> str:

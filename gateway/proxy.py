@@ -138,7 +138,7 @@ class Proxy:
         if head.content_length is not None and head.content_length > limit:
             raise RequestTooLarge(f"The request body is larger than {limit} bytes.")
         body = await read_body(receive, limit)
-        payload, ex.model = read_json(ex.method, body, head.content_type)
+        payload, ex.model, body = read_json(ex.method, body, head.content_type)
         req = parse(policy, team, principal.key_id, request_id=ex.request_id, method=ex.method,
                     path=path, route=ex.route, query=scope["query_string"], head=head,
                     raw_headers=scope["headers"], body=body, payload=payload, model=ex.model,

@@ -11,7 +11,7 @@ from . import callbacks, inbound, routes
 from .asgi import Headers
 from .attribution import TAGS_HEADER, parse_tags
 from .budget import period_id, to_milli
-from .cache import canonical_json, client_directive, request_digest
+from .cache import client_directive, request_digest
 from .errors import InvalidRequest, NotFound, PermissionDenied
 from .policy import Policy, TeamPolicy
 from .records import record
@@ -82,15 +82,18 @@ class Head:
 
 
 def read_json(method: str, body: bytes, content_type: bytes | None
-              ) -> tuple[dict[str, Any] | None, str | None]:
-    """A POST's JSON document and its model (both required); None for other methods."""
+              ) -> tuple[dict[str, Any] | None, str | None, bytes]:
+    """A POST's JSON document, its model (both required) and its canonical form, which the
+    upstream gets: the document that was checked (with a name given twice, the upstream and
+    the gateway could otherwise read different models). None, None and the body as it came
+    for other methods."""
     if method != "POST":
-        return None, None
-    payload = inbound.json_object(body, content_type)
+        return None, None, body
+    payload, canonical = inbound.json_object(body, content_type)
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("The request body must carry a 'model' string.")
-    return payload, model
+    return payload, model, canonical
 
 
 def parse(policy: Policy, team: TeamPolicy, key_id: str, *, request_id: str, method: str,
@@ -98,15 +101,11 @@ def parse(policy: Policy, team: TeamPolicy, key_id: str, *, request_id: str, met
           payload: dict[str, Any] | None, model: str | None, ticket: str,
           now: float) -> ParsedRequest:
     """Check a request against the team's policy and say what it asks of the store; raises
-    the `GatewayError` a client must see when it cannot go further. `payload` and `model`
-    come from `read_json`."""
+    the `GatewayError` a client must see when it cannot go further. `payload`, `model` and
+    `body` come from `read_json`."""
     config = policy.config
-    if payload is not None:
-        if team.models is not None and model not in team.models:
-            raise PermissionDenied(f"Model {model!r} is not allowed for this team.")
-        # the upstream gets the document that was checked: with a name given twice, the
-        # upstream and the gateway could otherwise read different models
-        body = canonical_json(payload)
+    if payload is not None and team.models is not None and model not in team.models:
+        raise PermissionDenied(f"Model {model!r} is not allowed for this team.")
     kind = _kind(method, path)
     stream = kind is Kind.SYNC and payload is not None and payload.get("stream") is True
 
@@ -141,7 +140,7 @@ def parse(policy: Policy, team: TeamPolicy, key_id: str, *, request_id: str, met
                               "model": model, "route": route, "request_id": request_id}
     if tags:
         fields["tags"] = tags  # ledger fields only, never metric labels
-    context = orjson.dumps(fields)
+    context = inbound.fitted(orjson.dumps(fields))
     price = 0
     reservation = None
     limits = team.keys.get(key_id)
