@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 import os
@@ -73,7 +74,11 @@ def create_app(
     task_check_s: float = 600.0,
     alive_s: float = 30.0,
     lookup: callbacks.Lookup | None = None,
+    owns_process: bool = False,
 ) -> Gateway:
+    """The gateway app. `owns_process`: it is the process's one app (the `serve` command and
+    its workers, not an app in a test): it then also sets the garbage collector for serving
+    once it has started (`settle_heap`)."""
     store = store or open_store(config.store.url, prefix=config.store.key_prefix,
                                 timeout_s=config.store.timeout_s, clock=clock,
                                 memory_max_bytes=config.store.memory_max_bytes)
@@ -109,6 +114,8 @@ def create_app(
         if config_path is not None and threading.current_thread() is threading.main_thread():
             asyncio.get_running_loop().add_signal_handler(
                 signal.SIGHUP, lambda: _reload_on_signal(runtime))
+        if owns_process:
+            settle_heap()
         try:
             yield
         finally:
@@ -171,7 +178,22 @@ def create_app_from_env() -> Gateway:
                    secrets=[*(a.api_key for a in cfg.accounts_of(config.upstream)),
                             config.metrics.bearer_token or "", *url_secrets(config.ledger.url),
                             *_webhook_secrets(config)])
-    return create_app(config, config_path=path)
+    return create_app(config, config_path=path, owns_process=True)
+
+
+YOUNG_COLLECTION_EVERY = 10_000  # allocations (Python's default: 700)
+
+
+def settle_heap() -> None:
+    """The garbage collector, set for serving once start-up is done. What start-up made (modules,
+    config, connections: about 80,000 objects) lives as long as the process: frozen, a full
+    collection no longer walks it (it took 63 ms). And a young collection after every 700
+    allocations, which under load found nothing to free (a request frees its own objects) yet
+    cost a tenth of a miss's CPU reading cold memory, runs after every 10,000: a request's
+    objects are gone by then, and cycles wait a little longer."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(YOUNG_COLLECTION_EVERY, *gc.get_threshold()[1:])
 
 
 def _webhook_secrets(config: cfg.Config) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import threading
 import time
@@ -11,9 +12,11 @@ from typing import Any
 import httpx
 import orjson
 
+from gateway import config as cfg
+from gateway.app import YOUNG_COLLECTION_EVERY, create_app
 from gateway.store import open_store
 
-from .conftest import KEYS, Mock, RedisServer, base_config
+from .conftest import KEYS, Mock, RedisServer, ServerThread, base_config
 from .test_limits import teams_with
 
 
@@ -71,3 +74,24 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(redis_server: RedisServ
     entries, usage = asyncio.run(ledger())
     assert sorted(e["credits"] for e in entries) == [3000, 4000]  # millicredits, both settled
     assert (usage.spent, usage.reserved) == (7000, 0)
+
+
+def test_the_serving_process_settles_its_heap_once_started(mock: Mock) -> None:
+    """`serve` (create_app_from_env: owns_process) freezes what start-up made and spaces young
+    collections out, once the app has started; an app that shares its process (a test's) leaves
+    the garbage collector as it found it."""
+    before = gc.get_threshold(), gc.get_freeze_count()
+    try:
+        for owns_process in (False, True):
+            app = create_app(cfg.from_dict(base_config(mock.api_url)), owns_process=owns_process)
+            server = ServerThread(app).start()
+            try:
+                assert httpx.get(f"{server.url}/healthz").status_code == 200
+                settled = gc.get_threshold()[0] == YOUNG_COLLECTION_EVERY
+                assert settled is owns_process, (owns_process, gc.get_threshold())
+                assert (gc.get_freeze_count() > 0) is owns_process
+            finally:
+                server.stop()
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before[0])
