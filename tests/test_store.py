@@ -27,7 +27,7 @@ from gateway.store.base import (
     Verdict,
 )
 
-from .conftest import RedisClusterServers, RedisServer, SentinelServers
+from .conftest import RedisClusterServers, RedisServer, SentinelServers, eventually
 
 
 @pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
@@ -530,23 +530,38 @@ def test_a_busy_event_loop_is_not_taken_for_a_hung_redis(private_redis: RedisSer
     """Redis answers while the gateway's event loop is busy past the store's timeout (a burst
     on a loaded machine): the loop then runs its timers before it reads the reply. The reply
     is read, not thrown away as a timeout (a 503 for a request Redis had answered)."""
+    timeout_s = 0.2
+
+    def scripts_run() -> int:
+        stats = private_redis.cli("INFO", "commandstats")
+        found = re.search(r"cmdstat_evalsha:calls=(\d+)", stats)
+        return int(found.group(1)) if found else 0
+
     async def main() -> None:
-        store = open_store(private_redis.url, prefix="test", timeout_s=0.2)
+        store = open_store(private_redis.url, prefix="test", timeout_s=timeout_s)
         await store.connect()
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
+        sent, before = 0.0, 0
 
         class Busy(asyncio.Protocol):
+            """The loop's work that does not end in time, on purpose: it lets Redis answer the
+            call, waits for that, and holds the loop until the call is overdue."""
+
             def data_received(self, data: bytes) -> None:
-                private_redis.resume()  # Redis answers now, while the loop is busy
-                time.sleep(0.5)  # a loop that does not come back in time, on purpose
+                private_redis.resume()
+                eventually(lambda: scripts_run() > before, "Redis to run the call")
+                while time.monotonic() < sent + timeout_s * 2:
+                    pass
 
         transport, _ = await loop.create_connection(Busy, sock=ours)
         try:
             await store.budgets([("t", "m2026-11")])  # connected
+            before = scripts_run()
             private_redis.pause()
+            sent = time.monotonic()
             call = asyncio.ensure_future(store.admit(admission("busy")))
-            for _ in range(3):  # the call runs and its command is written
+            for _ in range(3):  # turns of the loop, not time: the call runs, its command leaves
                 await asyncio.sleep(0)
             theirs.send(b"x")
             assert (await call).verdict is Verdict.ADMIT
