@@ -99,27 +99,61 @@ def raw_http(port: int, request: bytes, timeout: float = 5.0) -> tuple[int, byte
 class RedisServer:
     """A private redis-server on a free port; `stop()` and `start()` simulate an outage."""
 
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, cluster: bool = False) -> None:
         if shutil.which("redis-server") is None:
             pytest.fail("redis-server is not installed (apt-get install redis-server)")
         self.port = free_port()
+        self.bus_port = free_port() if cluster else None  # a cluster node's bus, not port+10000
         self.dir = tempfile.mkdtemp(prefix="aio-redis-")
         self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
+        self.started = False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--enable-debug-command", "local",
-             *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_port(self.port)
-        self.cli("PING")
+        """Start the server. A port found free can be taken by another test process before the
+        server binds it (the server then exits, and whatever took the port answers instead):
+        the first start moves to fresh ports until the server answering is this one; a
+        restart keeps its port, as the outage tests expect."""
+        for _ in range(5):
+            bus = [] if self.bus_port is None else [
+                "--cluster-enabled", "yes", "--cluster-node-timeout", "5000",
+                "--cluster-config-file", "nodes.conf", "--cluster-port", str(self.bus_port)]
+            self.process = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", self.dir, "--enable-debug-command", "local",
+                 *bus, *self.extra],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            if self._is_ours():
+                self.started = True
+                return
+            self.stop()
+            if self.started:
+                break
+            self.port = free_port()
+            self.bus_port = None if self.bus_port is None else free_port()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def _is_ours(self) -> bool:
+        """Whether the server on `port` is the one just started (it reports this one's dir)."""
+        assert self.process is not None
+        deadline = time.monotonic() + 10
+        while self.process.poll() is None and time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            except OSError:
+                time.sleep(0.02)
+                continue
+            try:
+                said = self.cli("CONFIG", "GET", "dir")
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+                return False
+            return os.path.realpath(self.dir) in said
+        return False
 
     def stop(self) -> None:
         if self.process is not None:
@@ -150,10 +184,7 @@ class RedisClusterServers:
     """Three masters started with `--cluster-enabled yes` and joined by `redis-cli --cluster`."""
 
     def __init__(self) -> None:
-        self.nodes = [RedisServer("--cluster-enabled", "yes", "--cluster-node-timeout", "5000",
-                                  "--cluster-config-file", "nodes.conf",
-                                  "--cluster-port", str(free_port()))  # not port + 10000
-                      for _ in range(3)]
+        self.nodes = [RedisServer(cluster=True) for _ in range(3)]
         for node in self.nodes:
             node.start()
         subprocess.run(
