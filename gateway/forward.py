@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .asgi import Headers, Message, Receive, Reply, head_length, wait_disconnect
 from .errors import UpstreamUnavailable
 from .fairness import Passage, busy
-from .request import ParsedRequest
+from .request import ParsedRequest, upstream_headers
 from .runtime import Runtime
 from .settlement import End
 from .store import StoreError
@@ -133,11 +133,12 @@ async def _send(rt: Runtime, req: ParsedRequest, seen: Upstreamed, passage: Pass
     """Through the account whose slot the request holds; an account that refuses its key or
     has no credits (401/402) leaves the rotation, and the request moves to another."""
     account = await passage.take()
+    forwarded = upstream_headers(req)
     while True:
         seen.account = account
         started = time.perf_counter()
         try:
-            headers = req.headers if rt.tracing is None else rt.tracing.inject(req.headers)
+            headers = forwarded if rt.tracing is None else rt.tracing.inject(forwarded)
             response = await rt.upstream.send(req.method, req.path, req.query, headers,
                                               req.body, stream=stream, account=account,
                                               before_retry=_retry_slot(rt, account))

@@ -31,7 +31,7 @@ class ParsedRequest:
     team: TeamPolicy
     key_id: str
     model: str | None
-    headers: Headers  # what the upstream receives
+    client_headers: Headers  # as the client sent them (`upstream_headers`: as forwarded)
     body: bytes  # what the upstream receives: for JSON, exactly the document that was checked
     stream: bool
     task_id: str | None
@@ -174,18 +174,26 @@ def parse(policy: Policy, team: TeamPolicy, key_id: str, *, request_id: str, met
         flight = f"{'' if cache.shared else team.name}:{cache.route}:{cache.digest}"
     billing = Billing(kind, price=price, task_id=task_id, idempotent=idempotency is not None,
                       cacheable=cache is not None, shared=cache is not None and cache.shared)
-    headers = request_headers(raw_headers, request_id=request_id.encode(),
-                              json_body=payload is not None)
     callback = callbacks.from_request(team.callbacks, head.callback_url, head.callback_secret_id,
                                       async_endpoint=kind is Kind.CREATE)
-    if callback is not None:  # the gateway's own headers: not the upstream's business
-        headers = [(k, v) for k, v in headers if k not in _CALLBACK_HEADERS]
-    return ParsedRequest(request_id, method, path, route, query, team, key_id, model, headers,
+    return ParsedRequest(request_id, method, path, route, query, team, key_id, model, raw_headers,
                          body, stream, task_id, cache, lookup, flight, billing, admission,
                          deadline_s, tags_ignored, callback)
 
 
 _CALLBACK_HEADERS = (b"x-callback-url", b"x-callback-secret-id")
+
+
+def upstream_headers(req: ParsedRequest) -> Headers:
+    """The headers the upstream receives: made only when the request is forwarded (a cache hit
+    or a refusal never needs them). A JSON body (every POST, `read_json`) is sent as
+    `application/json`; the webhook headers are the gateway's own, not the upstream's
+    business."""
+    headers = request_headers(req.client_headers, request_id=req.request_id.encode(),
+                              json_body=req.method == "POST")
+    if req.callback is not None:
+        headers = [(k, v) for k, v in headers if k not in _CALLBACK_HEADERS]
+    return headers
 
 
 def _kind(method: str, path: str) -> Kind:

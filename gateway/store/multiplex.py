@@ -71,15 +71,27 @@ class _Link(asyncio.Protocol):
         return self.failed is None and not self._transport.is_closing()
 
     def send(self, packed: bytes, replies: int) -> list[asyncio.Future[Any]]:
+        """Queue commands (packed) for the next write; a future for each reply."""
         deadline = self._loop.time() + self._timeout_s
         futures = [self._loop.create_future() for _ in range(replies)]
         self._waiting.extend((future, deadline) for future in futures)
+        self._queue(packed, deadline)
+        return futures
+
+    def send_one(self, packed: bytes) -> asyncio.Future[Any]:
+        """`send` for one command: a store call is most often one script."""
+        deadline = self._loop.time() + self._timeout_s
+        future = self._loop.create_future()
+        self._waiting.append((future, deadline))
+        self._queue(packed, deadline)
+        return future
+
+    def _queue(self, packed: bytes, deadline: float) -> None:
         if not self._outgoing:
             self._loop.call_soon(self._flush)
         self._outgoing.append(packed)
         if self._timer is None:
             self._timer = self._loop.call_at(deadline, self._check)
-        return futures
 
     def _flush(self) -> None:
         outgoing, self._outgoing = self._outgoing, []
@@ -137,6 +149,14 @@ class _Link(asyncio.Protocol):
         self.connection._close()  # type: ignore[no-untyped-call]  # forget the streams too
 
 
+def _demoted(link: _Link, reply: hiredis.ReplyError) -> None:
+    """A READONLY reply: the server was demoted to a replica (a failover). The link is
+    dropped, so the next call connects to whichever server is the master now (through
+    Sentinel), as redis-py would."""
+    if str(reply).startswith("READONLY"):
+        link.fail("redis: ReadOnlyError")
+
+
 class Multiplexed:
     """Commands to one Redis server, over one connection shared by every caller."""
 
@@ -176,12 +196,25 @@ class Multiplexed:
             for future in futures:
                 future.cancel()
             raise
-        if any(r.__class__ is hiredis.ReplyError and str(r).startswith("READONLY")
-               for r in replies):
-            # the server was demoted to a replica (a failover): the next call connects to
-            # whichever server is the master now (through Sentinel), as redis-py would
-            link.fail("redis: ReadOnlyError")
+        for reply in replies:
+            if reply.__class__ is hiredis.ReplyError:
+                _demoted(link, reply)
         return replies
+
+    async def call(self, command: tuple[Any, ...]) -> Any:
+        """`execute` for one command, without its lists: the request path's store call."""
+        link = self._link
+        if link is None or not link.usable:
+            link = await self._open()
+        future = link.send_one(hiredis.pack_command(command))
+        try:
+            reply = await future
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        if reply.__class__ is hiredis.ReplyError:
+            _demoted(link, reply)
+        return reply
 
     async def close(self) -> None:
         link, self._link = self._link, None

@@ -104,6 +104,11 @@ def client_from_url(url: str, *, timeout_s: float) -> tuple[Client, list[Redis]]
     return master, list(sentinel.sentinels)
 
 
+def _lost(reply: Any) -> bool:
+    """A NOSCRIPT reply: the script is not loaded (the store restarted); the call never ran."""
+    return reply.__class__ is hiredis.ReplyError and str(reply).startswith("NOSCRIPT")
+
+
 def store_error(exc: BaseException) -> StoreError | ScriptFailed:
     """What a redis-py failure means: the script failed (a defect), or the store is away (and
     whether the command may still have run: not when the connection could not be made)."""
@@ -155,25 +160,33 @@ class RedisEngine:
         return ("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
 
     async def _execute(self, calls: Sequence[Call]) -> list[Any]:
-        """Each call's reply or error reply, over the shared connection. Scripts the store lost
-        (it restarted) are loaded and only those calls sent again: they never ran."""
+        """Each call's reply or error reply, over the shared connection."""
         assert self._direct is not None
         commands = [self._evalsha(*call) for call in calls]
         replies = await self._direct.execute(commands)
-        missing = [i for i, r in enumerate(replies)
-                   if isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT")]
+        missing = [i for i, r in enumerate(replies) if _lost(r)]
         if missing:
-            loads = [("SCRIPT", "LOAD", self._scripts[name].script)
-                     for name in dict.fromkeys(calls[i][0] for i in missing)]
-            again = await self._direct.execute([*loads, *(commands[i] for i in missing)])
-            for i, reply in zip(missing, again[len(loads):], strict=True):
+            again = await self._load_and_send([calls[i][0] for i in missing],
+                                              [commands[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
 
+    async def _load_and_send(self, names: list[str], commands: list[tuple[Any, ...]]
+                             ) -> list[Any]:
+        """Scripts the store lost (it restarted) are loaded, and the calls that found them
+        missing sent again: they never ran."""
+        assert self._direct is not None
+        loads = [("SCRIPT", "LOAD", self._scripts[name].script) for name in dict.fromkeys(names)]
+        return (await self._direct.execute([*loads, *commands]))[len(loads):]
+
     async def run(self, name: str, keys: Sequence[str], args: Args) -> Any:
         if self._direct is not None:
-            (reply,) = await self._execute([(name, keys, args)])
-            if isinstance(reply, hiredis.ReplyError):
+            command = self._evalsha(name, keys, args)
+            reply = await self._direct.call(command)
+            if _lost(reply):
+                (reply,) = await self._load_and_send([name], [command])
+            if reply.__class__ is hiredis.ReplyError:
                 raise reply_error(str(reply))
             return reply
         script = self._scripts[name]
