@@ -5,7 +5,20 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from .conftest import GatewayFactory, Mock, RedisClusterServers, SentinelServers
+from redis.crc import key_slot
+
+from gateway.quota import Quota
+from gateway.store import open_store
+from gateway.store.base import Admission, Verdict
+
+from .conftest import (
+    GatewayFactory,
+    Mock,
+    RedisClusterServers,
+    RedisServer,
+    SentinelServers,
+    eventually,
+)
 from .test_cache import CHAT, storm
 from .test_limits import burst, teams_with
 from .test_proxy import wait_ledger
@@ -62,3 +75,130 @@ def test_gateway_through_sentinel(redis_sentinel: SentinelServers, make_gateway:
     gateway = make_gateway(redis_sentinel.url, teams=teams_with(requests_per_minute=2))
     assert [gateway.chat(f"s{i}").status_code for i in range(3)] == [200, 200, 429]
     assert gateway.client.get("/readyz").json()["status"] == "ready"
+
+
+# -- the cluster's slot map changing under the store ------------------------------------------
+
+QUOTA = Quota("minute", 1000, 60.0)
+
+
+def _owner(node: RedisServer, slot: int) -> int:
+    """The port of the master that `node` says serves `slot` (CLUSTER NODES)."""
+    for line in node.cli("CLUSTER", "NODES").splitlines():
+        fields = line.split()
+        for part in fields[8:]:  # "low-high" or "slot"; "[slot->-id]" while migrating
+            low, _, high = part.partition("-")
+            if low.isdigit() and int(low) <= slot <= int(high or low):
+                return int(fields[1].split("@")[0].rpartition(":")[2])
+    raise AssertionError(f"no master serves slot {slot}")
+
+
+def _owner_and_other(cluster: RedisClusterServers, slot: int) -> tuple[RedisServer, RedisServer]:
+    port = _owner(cluster.nodes[0], slot)
+    owner = next(n for n in cluster.nodes if n.port == port)
+    return owner, next(n for n in cluster.nodes if n is not owner)
+
+
+def _give(cluster: RedisClusterServers, slot: int, to: RedisServer) -> None:
+    """Hand an empty slot to `to`, as a finished resharding does, and wait until every node
+    says so."""
+    node_id = to.cli("CLUSTER", "MYID")
+    for node in sorted(cluster.nodes, key=lambda n: n is not to):  # the new owner first
+        node.cli("CLUSTER", "SETSLOT", str(slot), "NODE", node_id)
+    eventually(lambda: all(_owner(n, slot) == to.port for n in cluster.nodes),
+               f"every node to see slot {slot} on port {to.port}")
+
+
+def test_a_slot_moved_to_another_master_is_followed(redis_cluster: RedisClusterServers) -> None:
+    """Resharding moved the team's slot: its old master answers MOVED (the script did not run),
+    the call goes again to the new one, and the store reads the slot map again."""
+    redis_cluster.flush()
+    slot = key_slot(b"t:t")  # the team's keys, {t:t}
+    source, target = _owner_and_other(redis_cluster, slot)
+
+    async def main() -> None:
+        store = open_store(redis_cluster.url, prefix="test")
+        await store.connect()
+        try:
+            first = await store.admit(Admission(team="t", key_id="k", ticket="a", hold_ms=10_000,
+                                                quotas=(QUOTA,)))
+            assert first.verdict is Verdict.ADMIT
+            redis_cluster.flush()  # an empty slot moves without MIGRATE
+            _give(redis_cluster, slot, target)
+            moved = await store.admit(Admission(team="t", key_id="k", ticket="b",
+                                                hold_ms=10_000, quotas=(QUOTA,)))
+            assert moved.verdict is Verdict.ADMIT
+            assert int(target.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) > 0
+            assert int(source.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) == 0
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        redis_cluster.flush()
+        _give(redis_cluster, slot, source)
+
+
+def test_a_slot_being_migrated_is_asked_for_on_its_new_master(
+        redis_cluster: RedisClusterServers) -> None:
+    """Mid-migration, the old master answers ASK for a key it no longer holds: the call goes to
+    the importing master after ASKING, on the same connection, and runs there. (A script over
+    several keys of which some are missing gets TRYAGAIN there instead, as Redis answers while
+    a slot moves: a store error, see the README.)"""
+    redis_cluster.flush()
+    slot = key_slot(b"org")  # the organisation's keys, {org}
+    source, target = _owner_and_other(redis_cluster, slot)
+
+    async def main() -> None:
+        store = open_store(redis_cluster.url, prefix="test")
+        await store.connect()
+        try:
+            assert await store.try_lock("job", "me", 60_000)
+            redis_cluster.flush()
+            target.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", source.cli("CLUSTER", "MYID"))
+            source.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", target.cli("CLUSTER", "MYID"))
+            assert await store.try_lock("job", "me", 60_000)
+            assert int(target.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) == 1
+            assert int(source.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) == 0
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        redis_cluster.flush()
+        for node in (source, target):
+            node.cli("CLUSTER", "SETSLOT", str(slot), "STABLE")
+
+
+def test_a_burst_on_a_cluster_shares_one_connection_per_master(
+        redis_cluster: RedisClusterServers) -> None:
+    """200 concurrent admissions over teams in every master's slots open no connection beyond
+    the one per master that loading the scripts opened (redis-py's cluster client took one per
+    concurrent call)."""
+    redis_cluster.flush()
+    teams = [f"team{i}" for i in range(12)]
+    assert len({_owner(redis_cluster.nodes[0], key_slot(f"t:{t}".encode()))
+                for t in teams}) == 3
+
+    def received() -> list[int]:
+        return [int(n.cli("INFO", "stats").split("total_connections_received:")[1].split()[0])
+                for n in redis_cluster.nodes]
+
+    async def main() -> list[Verdict]:
+        store = open_store(redis_cluster.url, prefix="test", timeout_s=5)
+        await store.connect()
+        try:
+            before = received()
+            results = await asyncio.gather(*(
+                store.admit(Admission(team=teams[i % 12], key_id="k", ticket=f"b{i}",
+                                      hold_ms=10_000, quotas=(QUOTA,)))
+                for i in range(200)))
+            # redis-cli's own connection to each node, for INFO: one each
+            assert [b - a for a, b in zip(before, received(), strict=True)] == [1, 1, 1]
+            return [r.verdict for r in results]
+        finally:
+            await store.close()
+
+    assert set(asyncio.run(main())) == {Verdict.ADMIT}

@@ -152,15 +152,16 @@ def test_the_webhook_scripts_reply_as_on_redis(pair: Pair,  # noqa: F811
                                                redis_server: RedisServer) -> None:
     async def main() -> int:
         client = redis.asyncio.Redis(host="127.0.0.1", port=redis_server.port)
-        recorder = Recorder(pair, client)
+        recorder = Recorder(pair)
 
         async def wait(ms: float) -> None:
             await asyncio.sleep(ms / 1000 + 0.002)
 
+        store = ScriptStore(RedisEngine(client, recorder), prefix="test")
         try:
-            await walk(ScriptStore(RedisEngine(client), prefix="test"), wait)
+            await walk(store, wait)
         finally:
-            await client.aclose()
+            await store.close()
         return recorder.scripts
 
     assert asyncio.run(main()) > 30  # every call compared

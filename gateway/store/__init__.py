@@ -19,24 +19,27 @@ def open_store(url: str, *, prefix: str = "aio", timeout_s: float = 1.0,
         from .memory import EmbeddedEngine
 
         return ScriptStore(EmbeddedEngine(clock=clock, max_bytes=memory_max_bytes), prefix=prefix)
-    from redis.asyncio import Redis
+    from redis.asyncio import Redis, RedisCluster
 
     from .multiplex import Multiplexed
     from .redis import RedisEngine, client_from_url
 
     if url.startswith(("redis+cluster://", "rediss+cluster://")):
         from .cluster import ClusterStore
+        from .cluster_link import ClusterLink
 
-        client, _ = client_from_url(url, timeout_s=timeout_s)
-        return ClusterStore(RedisEngine(client), prefix=prefix)  # routed by redis-py
+        cluster, _ = client_from_url(url, timeout_s=timeout_s)
+        assert isinstance(cluster, RedisCluster)
+        # a connection per master, each shared by every call to the slots it serves
+        return ClusterStore(RedisEngine(cluster, ClusterLink(cluster, timeout_s=timeout_s)),
+                            prefix=prefix)
     if url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://",
                        "rediss+sentinel://")):
         client, sentinels = client_from_url(url, timeout_s=timeout_s)
         # one server, or Sentinel's master: the scripts share one connection
         assert isinstance(client, Redis)
-        direct = Multiplexed(client.connection_pool, timeout_s=timeout_s)
-        return ScriptStore(RedisEngine(client, direct=direct, also_close=sentinels),
-                           prefix=prefix)
+        link = Multiplexed(client.connection_pool.make_connection, timeout_s=timeout_s)
+        return ScriptStore(RedisEngine(client, link, also_close=sentinels), prefix=prefix)
     raise ValueError(f"unsupported store URL scheme: {url.split('://')[0]!r}")
 
 

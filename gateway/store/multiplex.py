@@ -16,11 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.connection import AbstractConnection
 
 from .base import ScriptFailed, StoreError
 
@@ -160,8 +160,9 @@ def _demoted(link: _Link, reply: hiredis.ReplyError) -> None:
 class Multiplexed:
     """Commands to one Redis server, over one connection shared by every caller."""
 
-    def __init__(self, pool: ConnectionPool, *, timeout_s: float) -> None:
-        self._pool = pool  # only to make connections as redis-py would (TLS, AUTH, SELECT)
+    def __init__(self, make_connection: Callable[[], AbstractConnection], *,
+                 timeout_s: float) -> None:
+        self._make_connection = make_connection  # redis-py's: TLS, AUTH and SELECT as it does
         self._timeout_s = timeout_s
         self._link: _Link | None = None
         self._connecting = asyncio.Lock()
@@ -174,7 +175,7 @@ class Multiplexed:
             link = self._link
             if link is not None and link.usable:
                 return link
-            connection: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
+            connection = self._make_connection()
             try:
                 await connection.connect()  # type: ignore[no-untyped-call]
             except Exception as exc:  # nothing of ours was sent on it: say so

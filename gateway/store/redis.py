@@ -7,10 +7,9 @@ URLs: `redis://` and `rediss://` (one server), `redis+sentinel://[:password@]h1:
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from functools import partial
-from typing import Any, TypeVar
+import hashlib
+from collections.abc import Sequence
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 import hiredis
@@ -18,7 +17,6 @@ from redis.asyncio import ConnectionPool, Redis, RedisCluster, Sentinel
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -30,38 +28,12 @@ from redis.exceptions import (
 )
 
 from .base import ScriptFailed, StoreError
-from .multiplex import Multiplexed, reply_error
+from .multiplex import reply_error
 from .payload import Args
 from .scripts import SCRIPTS, Call, source
 
-T = TypeVar("T")
 Client = Redis | RedisCluster
 MAX_CONNECTIONS = 1024  # per process (per node on a cluster); Redis allows 10000 clients
-
-
-class _HiredisPacking:
-    """Packs commands with hiredis, in C. redis-py's sync connection does so already; its asyncio
-    connection packs in Python, which for a script call of some forty arguments was most of the
-    store's CPU (0.2 ms of a 0.25 ms call in the profile)."""
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        if isinstance(args[0], str) and " " in args[0]:  # "SCRIPT LOAD": two words, two args
-            args = (*args[0].split(), *args[1:])
-        return [hiredis.pack_command(args)]
-
-    def pack_commands(self, commands: Iterable[Sequence[Any]]) -> list[bytes]:
-        return [b"".join(self.pack_command(*command)[0] for command in commands)]
-
-
-_FAST_CLASSES: dict[type, type] = {}
-
-
-def _fast(connection_class: type) -> type:
-    """The same connection class, packing with hiredis."""
-    if connection_class not in _FAST_CLASSES:
-        _FAST_CLASSES[connection_class] = type(
-            f"Hiredis{connection_class.__name__}", (_HiredisPacking, connection_class), {})
-    return _FAST_CLASSES[connection_class]
 
 
 def client_from_url(url: str, *, timeout_s: float) -> tuple[Client, list[Redis]]:
@@ -75,7 +47,6 @@ def client_from_url(url: str, *, timeout_s: float) -> tuple[Client, list[Redis]]
         pool = ConnectionPool.from_url(
             url, max_connections=MAX_CONNECTIONS, health_check_interval=30, retry=never_again,
             socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        pool.connection_class = _fast(pool.connection_class)
         return Redis.from_pool(pool), []  # from_pool: closing the client closes the pool
     credentials, _, location = rest.rpartition("@")
     user, _, secret = credentials.partition(":")
@@ -99,8 +70,6 @@ def client_from_url(url: str, *, timeout_s: float) -> tuple[Client, list[Redis]]
                          "password": password, "max_connections": MAX_CONNECTIONS})
     master = sentinel.master_for(service, db=int(db or 0), username=username, password=password,
                                  ssl=tls, max_connections=MAX_CONNECTIONS, retry=never_again)
-    pool = master.connection_pool
-    pool.connection_class = _fast(pool.connection_class)
     return master, list(sentinel.sentinels)
 
 
@@ -120,108 +89,71 @@ def store_error(exc: BaseException) -> StoreError | ScriptFailed:
     return StoreError(f"redis: {type(exc).__name__}", maybe_ran=not never_sent)
 
 
+class Link(Protocol):
+    """The scripts' connection: `Multiplexed` (one server) or `ClusterLink` (a cluster)."""
+
+    async def call(self, command: tuple[Any, ...]) -> Any: ...
+    async def execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]: ...
+    async def close(self) -> None: ...
+
+
 class RedisEngine:
-    """Runs the store's scripts on Redis (one server, Sentinel's master, or a cluster)."""
+    """Runs the store's scripts on Redis (one server, Sentinel's master, or a cluster) over
+    `link`; redis-py's `client` made the connections and serves the admin's key scans."""
 
-    def __init__(self, client: Client, *, direct: Multiplexed | None = None,
-                 also_close: Sequence[Redis] = ()) -> None:
+    def __init__(self, client: Client, link: Link, *, also_close: Sequence[Redis] = ()) -> None:
         self._redis = client
+        self._link = link
         self._also_close = also_close
-        self._scripts: dict[str, AsyncScript] = {
-            name: client.register_script(source(name)) for name in SCRIPTS
-        }
-        self._direct = direct  # the scripts' path when given; redis-py's client otherwise
-
-    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await operation()
-        except (TimeoutError, RedisError, OSError) as exc:
-            raise store_error(exc) from None
+        self._scripts = {name: source(name) for name in SCRIPTS}
+        self._shas = {name: hashlib.sha1(text.encode()).hexdigest()
+                      for name, text in self._scripts.items()}
 
     async def connect(self) -> None:
         """Load the scripts now, so the first requests do not pay for it (and fail early)."""
-        if self._direct is not None:
-            loads = [("SCRIPT", "LOAD", s.script) for s in self._scripts.values()]
-            for reply in await self._direct.execute(loads):
-                if isinstance(reply, hiredis.ReplyError):
-                    raise reply_error(str(reply))
-            return
-        for script in self._scripts.values():
-            await self._call(partial(self._redis.script_load, script.script))
+        for reply in await self._link.execute([("SCRIPT", "LOAD", text)
+                                               for text in self._scripts.values()]):
+            if isinstance(reply, hiredis.ReplyError):
+                raise reply_error(str(reply))
 
     async def close(self) -> None:
-        if self._direct is not None:
-            await self._direct.close()
+        await self._link.close()
         await self._redis.aclose()
         for client in self._also_close:
             await client.aclose()
 
     def _evalsha(self, name: str, keys: Sequence[str], args: Args) -> tuple[Any, ...]:
-        return ("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+        return ("EVALSHA", self._shas[name], len(keys), *keys, *args)
 
-    async def _execute(self, calls: Sequence[Call]) -> list[Any]:
-        """Each call's reply or error reply, over the shared connection."""
-        assert self._direct is not None
+    async def _load_and_send(self, names: list[str], commands: list[tuple[Any, ...]]
+                             ) -> list[Any]:
+        """Scripts the store lost (it restarted) are loaded, and the calls that found them
+        missing sent again: they never ran."""
+        loads = [("SCRIPT", "LOAD", self._scripts[name]) for name in dict.fromkeys(names)]
+        return (await self._link.execute([*loads, *commands]))[len(loads):]
+
+    async def run(self, name: str, keys: Sequence[str], args: Args) -> Any:
+        command = self._evalsha(name, keys, args)
+        reply = await self._link.call(command)
+        if _lost(reply):
+            (reply,) = await self._load_and_send([name], [command])
+        if reply.__class__ is hiredis.ReplyError:
+            raise reply_error(str(reply))
+        return reply
+
+    async def run_many(self, calls: Sequence[Call]) -> list[Any]:
+        """Each call's reply, or the error it met: sent together (not a transaction: each
+        script is atomic on its own)."""
         commands = [self._evalsha(*call) for call in calls]
-        replies = await self._direct.execute(commands)
+        replies = await self._link.execute(commands)
         missing = [i for i, r in enumerate(replies) if _lost(r)]
         if missing:
             again = await self._load_and_send([calls[i][0] for i in missing],
                                               [commands[i] for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
-        return replies
-
-    async def _load_and_send(self, names: list[str], commands: list[tuple[Any, ...]]
-                             ) -> list[Any]:
-        """Scripts the store lost (it restarted) are loaded, and the calls that found them
-        missing sent again: they never ran."""
-        assert self._direct is not None
-        loads = [("SCRIPT", "LOAD", self._scripts[name].script) for name in dict.fromkeys(names)]
-        return (await self._direct.execute([*loads, *commands]))[len(loads):]
-
-    async def run(self, name: str, keys: Sequence[str], args: Args) -> Any:
-        if self._direct is not None:
-            command = self._evalsha(name, keys, args)
-            reply = await self._direct.call(command)
-            if _lost(reply):
-                (reply,) = await self._load_and_send([name], [command])
-            if reply.__class__ is hiredis.ReplyError:
-                raise reply_error(str(reply))
-            return reply
-        script = self._scripts[name]
-        return await self._call(lambda: script(keys=keys, args=args))
-
-    async def run_many(self, calls: Sequence[Call]) -> list[Any]:
-        """One pipeline (not a transaction: each script is atomic on its own). Scripts the store
-        lost (it restarted) are loaded and only those calls sent again: they never ran. A
-        cluster has no pipelines for scripts: there, the calls go out together instead."""
-        if self._direct is not None:
-            return [reply_error(str(r)) if isinstance(r, hiredis.ReplyError) else r
-                    for r in await self._execute(calls)]
-        if isinstance(self._redis, RedisCluster):
-            replies = await asyncio.gather(*(self.run(*call) for call in calls),
-                                           return_exceptions=True)
-            for reply in replies:
-                if isinstance(reply, BaseException) and not isinstance(reply, Exception):
-                    raise reply  # cancelled
-            return list(replies)
-
-        async def send(todo: list[int]) -> list[Any]:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for i in todo:
-                    name, keys, args = calls[i]
-                    pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
-                return await pipe.execute(raise_on_error=False)
-
-        results: list[Any] = await self._call(lambda: send(list(range(len(calls)))))
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:
-            for name in {calls[i][0] for i in missing}:
-                await self._call(partial(self._redis.script_load, self._scripts[name].script))
-            for i, result in zip(missing, await self._call(lambda: send(missing)), strict=True):
-                results[i] = result
-        return [store_error(r) if isinstance(r, Exception) else r for r in results]
+        return [reply_error(str(r)) if isinstance(r, hiredis.ReplyError) else r
+                for r in replies]
 
     async def delete_matching(self, pattern: str) -> int:
         async def flush() -> int:
@@ -236,4 +168,7 @@ class RedisEngine:
                 removed += await self._redis.unlink(*batch)
             return removed
 
-        return await self._call(flush)
+        try:
+            return await flush()
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise store_error(exc) from None
