@@ -16,6 +16,8 @@ from types import ModuleType
 
 import pytest
 
+from .conftest import Mock
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CASES = ["a", "a2", "b", "c", "c_aio", "k", "d", "e", "f", "g"]
 INSTALL = {"wrk": "wrk", "nginx": "nginx", "redis-server": "redis-server"}
@@ -105,3 +107,17 @@ def test_hand_written_findings_survive_a_new_report(tmp_path: Path) -> None:
     out.write_text("# old\n\n## Profile\n\nold tables\n\n## Profile findings\n\nkept\n")
     assert bench.kept_findings(out) == "## Profile findings\n\nkept\n"
     assert bench.kept_findings(tmp_path / "missing.md") == ""
+
+
+def test_the_in_process_driver_answers_hits_from_the_cache(mock: Mock) -> None:
+    """bench/inproc.py: the gateway's app driven without HTTP; its warm-up's first request is
+    the one that reaches the upstream, every other is a cache hit."""
+    mock.configure(other_keys=[bench.UPSTREAM_KEY])
+    port = mock.server.url.rsplit(":", 1)[1]
+    proc = subprocess.run([sys.executable, "bench/inproc.py", "memory://", "hit", "50",
+                           "--stub-port", port], cwd=ROOT, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.fullmatch(r"hit: [0-9.]+ us of CPU per request, [0-9,]+ requests/s\n",
+                        proc.stdout), proc.stdout
+    assert mock.count("POST chat/completions") == 1
