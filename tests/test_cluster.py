@@ -8,7 +8,7 @@ from collections import Counter
 from redis.crc import key_slot
 
 from gateway.quota import Quota
-from gateway.store import open_store
+from gateway.store import Store, open_store
 from gateway.store.base import Admission, Verdict
 
 from .conftest import (
@@ -22,6 +22,7 @@ from .conftest import (
 from .test_cache import CHAT, storm
 from .test_limits import burst, teams_with
 from .test_proxy import wait_ledger
+from .test_store import run
 
 
 def test_budget_race_on_a_cluster(redis_cluster: RedisClusterServers,
@@ -116,25 +117,20 @@ def test_a_slot_moved_to_another_master_is_followed(redis_cluster: RedisClusterS
     slot = key_slot(b"t:t")  # the team's keys, {t:t}
     source, target = _owner_and_other(redis_cluster, slot)
 
-    async def main() -> None:
-        store = open_store(redis_cluster.url, prefix="test")
-        await store.connect()
-        try:
-            first = await store.admit(Admission(team="t", key_id="k", ticket="a", hold_ms=10_000,
-                                                quotas=(QUOTA,)))
-            assert first.verdict is Verdict.ADMIT
-            redis_cluster.flush()  # an empty slot moves without MIGRATE
-            _give(redis_cluster, slot, target)
-            moved = await store.admit(Admission(team="t", key_id="k", ticket="b",
-                                                hold_ms=10_000, quotas=(QUOTA,)))
-            assert moved.verdict is Verdict.ADMIT
-            assert int(target.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) > 0
-            assert int(source.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) == 0
-        finally:
-            await store.close()
+    async def body(store: Store) -> None:
+        first = await store.admit(Admission(team="t", key_id="k", ticket="a", hold_ms=10_000,
+                                            quotas=(QUOTA,)))
+        assert first.verdict is Verdict.ADMIT
+        redis_cluster.flush()  # an empty slot moves without MIGRATE
+        _give(redis_cluster, slot, target)
+        moved = await store.admit(Admission(team="t", key_id="k", ticket="b", hold_ms=10_000,
+                                            quotas=(QUOTA,)))
+        assert moved.verdict is Verdict.ADMIT
+        assert int(target.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) > 0
+        assert int(source.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) == 0
 
     try:
-        asyncio.run(main())
+        run(redis_cluster.url, body)
     finally:
         redis_cluster.flush()
         _give(redis_cluster, slot, source)
@@ -150,22 +146,17 @@ def test_a_slot_being_migrated_is_asked_for_on_its_new_master(
     slot = key_slot(b"org")  # the organisation's keys, {org}
     source, target = _owner_and_other(redis_cluster, slot)
 
-    async def main() -> None:
-        store = open_store(redis_cluster.url, prefix="test")
-        await store.connect()
-        try:
-            assert await store.try_lock("job", "me", 60_000)
-            redis_cluster.flush()
-            target.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", source.cli("CLUSTER", "MYID"))
-            source.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", target.cli("CLUSTER", "MYID"))
-            assert await store.try_lock("job", "me", 60_000)
-            assert int(target.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) == 1
-            assert int(source.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) == 0
-        finally:
-            await store.close()
+    async def body(store: Store) -> None:
+        assert await store.try_lock("job", "me", 60_000)
+        redis_cluster.flush()
+        target.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", source.cli("CLUSTER", "MYID"))
+        source.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", target.cli("CLUSTER", "MYID"))
+        assert await store.try_lock("job", "me", 60_000)
+        assert int(target.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) == 1
+        assert int(source.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) == 0
 
     try:
-        asyncio.run(main())
+        run(redis_cluster.url, body)
     finally:
         redis_cluster.flush()
         for node in (source, target):
