@@ -140,20 +140,26 @@ class RedisServer:
 
     def _is_ours(self) -> bool:
         """Whether the server on `port` is the one just started (it reports this one's dir)."""
-        assert self.process is not None
-        deadline = time.monotonic() + 10
-        while self.process.poll() is None and time.monotonic() < deadline:
+        process = self.process
+        assert process is not None
+
+        def up_or_gone() -> bool:
+            if process.poll() is not None:
+                return True
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
             except OSError:
-                time.sleep(0.02)
-                continue
-            try:
-                said = self.cli("CONFIG", "GET", "dir")
-            except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
                 return False
-            return os.path.realpath(self.dir) in said
-        return False
+            return True
+
+        eventually(up_or_gone, f"redis-server on port {self.port}", timeout=10)
+        if process.poll() is not None:
+            return False  # it could not bind: the port was taken
+        try:
+            said = self.cli("CONFIG", "GET", "dir")
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            return False
+        return os.path.realpath(self.dir) in said
 
     def stop(self) -> None:
         if self.process is not None:
