@@ -81,13 +81,19 @@ class Head:
                 self.callback_secret_id = value.strip()
 
 
+def carries_json(method: str) -> bool:
+    """Whether a request's body is a JSON document the gateway checks and passes on in
+    canonical form (`read_json`), and so is sent upstream as `application/json`: a POST's."""
+    return method == "POST"
+
+
 def read_json(method: str, body: bytes, content_type: bytes | None
               ) -> tuple[dict[str, Any] | None, str | None, bytes]:
     """A POST's JSON document, its model (both required) and its canonical form, which the
     upstream gets: the document that was checked (with a name given twice, the upstream and
     the gateway could otherwise read different models). None, None and the body as it came
     for other methods."""
-    if method != "POST":
+    if not carries_json(method):
         return None, None, body
     payload, canonical = inbound.json_object(body, content_type)
     model = payload.get("model")
@@ -186,11 +192,10 @@ _CALLBACK_HEADERS = (b"x-callback-url", b"x-callback-secret-id")
 
 def upstream_headers(req: ParsedRequest) -> Headers:
     """The headers the upstream receives: made only when the request is forwarded (a cache hit
-    or a refusal never needs them). A JSON body (every POST, `read_json`) is sent as
-    `application/json`; the webhook headers are the gateway's own, not the upstream's
-    business."""
+    or a refusal never needs them). The webhook headers are the gateway's own, not the
+    upstream's business."""
     headers = request_headers(req.client_headers, request_id=req.request_id.encode(),
-                              json_body=req.method == "POST")
+                              json_body=carries_json(req.method))
     if req.callback is not None:
         headers = [(k, v) for k, v in headers if k not in _CALLBACK_HEADERS]
     return headers
