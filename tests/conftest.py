@@ -187,22 +187,28 @@ class RedisServer:
 
 
 class RedisClusterServers:
-    """Three masters started with `--cluster-enabled yes` and joined by `redis-cli --cluster`."""
+    """Three masters started with `--cluster-enabled yes` and joined by `redis-cli --cluster`,
+    each with `replicas` replicas (a failover needs one) noticing a dead master after
+    `node_timeout_ms`."""
 
-    def __init__(self) -> None:
-        self.nodes = [RedisServer(cluster=True) for _ in range(3)]
+    def __init__(self, *, replicas: int = 0, node_timeout_ms: int = 5000) -> None:
+        self.nodes = [RedisServer("--cluster-node-timeout", str(node_timeout_ms), cluster=True)
+                      for _ in range(3 * (1 + replicas))]
         for node in self.nodes:
             node.start()
         subprocess.run(
             ["redis-cli", "--cluster", "create",
              *(f"127.0.0.1:{node.port}" for node in self.nodes),
-             "--cluster-replicas", "0", "--cluster-yes"],
+             "--cluster-replicas", str(replicas), "--cluster-yes"],
             capture_output=True, check=True, timeout=60)
-        deadline = time.monotonic() + 30
-        while not all("cluster_state:ok" in n.cli("CLUSTER", "INFO") for n in self.nodes):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the test cluster did not come up")
-            time.sleep(0.1)
+        eventually(self.serving, "the test cluster to come up", timeout=30)
+
+    def serving(self) -> bool:
+        """Every slot served and every replica in sync with its master, by every live node."""
+        live = [n for n in self.nodes if n.process is not None]
+        return all("cluster_state:ok" in n.cli("CLUSTER", "INFO") for n in live) and all(
+            "master_link_status:up" in info or "role:master" in info
+            for info in (n.cli("INFO", "replication") for n in live))
 
     @property
     def url(self) -> str:
@@ -210,7 +216,8 @@ class RedisClusterServers:
 
     def flush(self) -> None:
         for node in self.nodes:
-            node.cli("FLUSHALL")
+            if "role:master" in node.cli("INFO", "replication"):
+                node.cli("FLUSHALL")
 
     def close(self) -> None:
         for node in self.nodes:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Iterator
 
+import pytest
 from redis.crc import key_slot
 
 from gateway.quota import Quota
 from gateway.store import Store, open_store
-from gateway.store.base import Admission, Verdict
+from gateway.store.base import Admission, StoreError, Verdict
 
 from .conftest import (
     GatewayFactory,
@@ -22,7 +24,7 @@ from .conftest import (
 from .test_cache import CHAT, storm
 from .test_limits import burst, teams_with
 from .test_proxy import wait_ledger
-from .test_store import run
+from .test_store import admission, run
 
 
 def test_budget_race_on_a_cluster(redis_cluster: RedisClusterServers,
@@ -161,6 +163,78 @@ def test_a_slot_being_migrated_is_asked_for_on_its_new_master(
         redis_cluster.flush()
         for node in (source, target):
             node.cli("CLUSTER", "SETSLOT", str(slot), "STABLE")
+
+
+def test_a_script_over_keys_split_by_a_migration_is_a_store_error(
+        redis_cluster: RedisClusterServers) -> None:
+    """Mid-migration, a script over a team's keys of which some are on the old master and some
+    are missing gets TRYAGAIN: it did not run (nothing to undo), and it is a store error that
+    `store.on_error` decides, until the slot has moved."""
+    redis_cluster.flush()
+    slot = key_slot(b"t:t")
+    source, target = _owner_and_other(redis_cluster, slot)
+    quota = Quota("minute", 2, 60.0)
+
+    async def body(store: Store) -> None:
+        assert (await store.admit(admission("a", quotas=(quota,)))).verdict is Verdict.ADMIT
+        target.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", source.cli("CLUSTER", "MYID"))
+        source.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", target.cli("CLUSTER", "MYID"))
+        with pytest.raises(StoreError, match="TRYAGAIN") as refused:
+            await store.admit(admission("b", quotas=(quota,)))
+        assert refused.value.maybe_ran is False
+        for node in (source, target):
+            node.cli("CLUSTER", "SETSLOT", str(slot), "STABLE")
+        second = await store.admit(admission("b", quotas=(quota,)))
+        assert second.verdict is Verdict.ADMIT
+        assert second.quotas[0].remaining == 0  # the refused call counted nothing
+
+    try:
+        run(redis_cluster.url, body)
+    finally:
+        redis_cluster.flush()
+        for node in (source, target):
+            node.cli("CLUSTER", "SETSLOT", str(slot), "STABLE")
+
+
+@pytest.fixture
+def replicated_cluster() -> Iterator[RedisClusterServers]:
+    """A cluster of its own, a replica to each master: the test kills a master."""
+    cluster = RedisClusterServers(replicas=1, node_timeout_ms=1000)
+    yield cluster
+    cluster.close()
+
+
+def test_a_dead_master_is_replaced_by_its_replica(
+        replicated_cluster: RedisClusterServers) -> None:
+    """The team's master dies: its calls are store errors until the cluster promotes its
+    replica, then the store finds the new master by reading the slot map again, with the
+    team's state (replicated before the failure) there."""
+    cluster = replicated_cluster
+    slot = key_slot(b"t:t")
+    port = _owner(cluster.nodes[0], slot)
+    master = next(n for n in cluster.nodes if n.port == port)
+    master_id = master.cli("CLUSTER", "MYID")
+    replica = next(n for n in cluster.nodes
+                   if f"slave {master_id}" in n.cli("CLUSTER", "NODES").split("myself")[1]
+                   .splitlines()[0])
+    quota = Quota("minute", 2, 60.0)
+
+    async def body(store: Store) -> None:
+        first = await store.admit(admission("a", quotas=(quota,)))
+        assert first.verdict is Verdict.ADMIT and first.quotas[0].remaining == 1
+        assert master.cli("WAIT", "1", "5000") == "1"  # the replica has it
+        master.stop()
+        with pytest.raises(StoreError):
+            await store.admit(admission("b", quotas=(quota,)))
+        eventually(lambda: "role:master" in replica.cli("INFO", "replication")
+                   and cluster.serving(), "the replica to take over")
+        second = await store.admit(admission("b", quotas=(quota,)))
+        assert second.verdict is Verdict.ADMIT and second.quotas[0].remaining == 0
+        third = await store.admit(admission("c", quotas=(quota,)))
+        assert third.verdict is Verdict.QUOTA
+        assert _owner(replica, slot) == replica.port
+
+    run(cluster.url, body)
 
 
 def test_a_burst_on_a_cluster_shares_one_connection_per_master(

@@ -24,7 +24,8 @@ from redis.asyncio.connection import AbstractConnection
 
 from .base import ScriptFailed, StoreError
 
-# Error replies that say the store cannot serve now, not that the script is wrong.
+# Error replies that say the store cannot serve now, not that the script is wrong. Each refuses
+# the command before it writes anything (a script meets them at its first write at the latest).
 _TRANSIENT = ("BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS", "OOM", "READONLY", "TRYAGAIN",
               "CLUSTERDOWN", "MOVED", "ASK", "NOSCRIPT")
 
@@ -32,9 +33,10 @@ _LAST_LOOK_S = 0.001  # an overdue call's reply is looked for once more, this mu
 
 
 def reply_error(message: str) -> StoreError | ScriptFailed:
-    """What an error reply means: the store is not serving now, or the script failed."""
+    """What an error reply means: the store is not serving now (and the command changed
+    nothing: there is nothing to undo), or the script failed."""
     if message.startswith(_TRANSIENT):
-        return StoreError(f"redis: {message.split(' ', 1)[0]}")
+        return StoreError(f"redis: {message.split(' ', 1)[0]}", maybe_ran=False)
     return ScriptFailed(f"redis: {message}")
 
 
