@@ -24,6 +24,7 @@ again, so the process would end with status 143. A gateway that finished its wor
 from __future__ import annotations
 
 import asyncio
+import weakref
 from types import FrameType
 from typing import Any
 
@@ -49,27 +50,59 @@ class Config(uvicorn.Config):
         self.head_timeout_s = head_timeout_s
 
 
+class _HeadWatch:
+    """The connections of one event loop waiting for a request head, each with the time its head
+    is due, looked over by one timer every `interval_s`. A timer of its own per connection would
+    hold about 1.5 KB while it waits to fire (a request held on a slow upstream keeps its
+    connection's), and cost timer operations; a connection that starts or stops waiting costs a
+    dictionary entry here."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float) -> None:
+        self._loop = loop
+        self._interval_s = interval_s
+        self._due: dict[HttpProtocol, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def wait(self, protocol: HttpProtocol, within_s: float) -> None:
+        self._due[protocol] = self._loop.time() + within_s
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._interval_s, self._sweep)
+
+    def stop(self, protocol: HttpProtocol) -> None:
+        self._due.pop(protocol, None)
+
+    def _sweep(self) -> None:
+        now = self._loop.time()
+        for protocol in [p for p, due in self._due.items() if due <= now]:
+            del self._due[protocol]
+            protocol.head_overdue()
+        self._timer = self._loop.call_later(self._interval_s, self._sweep) if self._due else None
+
+
+_WATCHES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _HeadWatch] = (
+    weakref.WeakKeyDictionary())
+
+
 class HttpProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _head_too_large = False
     _head_started = False
-    _head_due: float | None = None  # when the awaited head must have arrived (None: not awaited)
-    _head_timer: asyncio.TimerHandle | None = None
 
     def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         self._head_timeout_s = (config.head_timeout_s if isinstance(config, Config)
                                 else HEAD_TIMEOUT_S)
+        watch = _WATCHES.get(self.loop)
+        if watch is None:  # looked over 4 times per timeout: a head is cut within 1.25x of it
+            watch = _WATCHES[self.loop] = _HeadWatch(self.loop, self._head_timeout_s / 4)
+        self._watch = watch
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_Coalesced(transport, self.loop))  # type: ignore[arg-type]
         self._await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._head_due = None
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._watch.stop(self)
         super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
@@ -79,23 +112,11 @@ class HttpProtocol(HttpToolsProtocol):
             self._await_head()
 
     def _await_head(self) -> None:
-        """Start the wait for a head. One timer per connection, set when none is pending and
-        checked when it fires: a kept-alive connection costs a timer per `head_timeout_s`, not
-        two timer operations per request."""
         self._head_started = False
-        self._head_due = self.loop.time() + self._head_timeout_s
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_at(self._head_due, self._head_check)
+        self._watch.wait(self, self._head_timeout_s)
 
-    def _head_check(self) -> None:
-        self._head_timer = None
-        due = self._head_due
-        if due is None:
-            return
-        if due > self.loop.time():  # a later wait than the one this timer was set for
-            self._head_timer = self.loop.call_at(due, self._head_check)
-            return
-        self._head_due = None
+    def head_overdue(self) -> None:
+        """The head did not arrive in time: a 408 if it had begun, else a silent close."""
         if self.transport.is_closing():
             return
         if self._head_started:
@@ -110,7 +131,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._head_started = True
 
     def on_headers_complete(self) -> None:
-        self._head_due = None  # the timer, if pending, finds nothing to do
+        self._watch.stop(self)
         super().on_headers_complete()
 
     def on_url(self, url: bytes) -> None:
@@ -137,7 +158,7 @@ class HttpProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, reason: bytes, message: str) -> None:
         """Answer in the error shape and close: what follows on the connection is unreadable."""
-        self._head_due = None
+        self._watch.stop(self)
         body = error_body(status, message, "invalid_request")
         head = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         for name, value in self.server_state.default_headers:
