@@ -46,18 +46,36 @@ def _scalar(value: Any, null: object) -> Any:
 
 def _plain(root: Any, null: object) -> Any:
     """orjson's document with bytes for str, floats for ints, `null` for None."""
-    if root.__class__ is dict:  # the usual payload: one flat object
-        out = {}
-        for key, value in root.items():
-            cls = value.__class__
-            if cls is str:
-                out[key.encode()] = value.encode()
-            elif cls is dict or cls is list:
-                return _nested(root, null)
-            else:
-                out[key.encode()] = _scalar(value, null)
-        return out
-    return _nested(root, null)
+    try:
+        return _shallow(root, null, _SHALLOW)
+    except _Deeper:
+        return _nested(root, null)
+
+
+_SHALLOW = 64  # levels converted by recursion (every payload of ours); deeper: `_nested`
+
+
+class _Deeper(Exception):
+    pass
+
+
+def _shallow(value: Any, null: object, levels: int) -> Any:
+    cls = value.__class__
+    if cls is str:
+        return value.encode()
+    if cls is dict:
+        if not levels:
+            raise _Deeper
+        return {key.encode(): item.encode() if item.__class__ is str
+                else _shallow(item, null, levels - 1) for key, item in value.items()}
+    if cls is list:
+        if not levels:
+            raise _Deeper
+        return [item.encode() if item.__class__ is str else _shallow(item, null, levels - 1)
+                for item in value]
+    if cls is int:
+        return float(value)
+    return null if value is None else value
 
 
 def _nested(root: Any, null: object) -> Any:

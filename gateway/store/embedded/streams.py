@@ -164,11 +164,30 @@ def _read(ks: Keyspace, key: bytes) -> Stream | None:
     return ks.lookup_typed(key, Stream)  # type: ignore[return-value]
 
 
-def xadd(ks: Keyspace, argv: Argv) -> Reply:
-    if len(argv) % 2 and argv[2] in (b"MINID", b"minid") and argv[4] == b"*" and len(argv) > 5:
-        return _append_trimmed(ks, argv)  # the ledger's form, on every request
+def _exact(argv: Argv) -> _Trim | None:
+    """`<key> MAXLEN|MINID <threshold>` from argv[1], the exact trim the ledger's scripts send on
+    every request, parsed without the option loop; None for any other shape."""
+    strategy = argv[2].lower()
+    if strategy not in (b"maxlen", b"minid") or argv[3] in (b"~", b"="):
+        return None
     trim = _Trim()
-    at, nomkstream, given, seq_given = trim.parse(argv, xadd=True)
+    if strategy == b"maxlen":
+        trim.threshold = integer(argv[3])
+        if trim.threshold < 0:
+            raise ResponseError("ERR The MAXLEN argument must be >= 0.")
+    else:
+        trim.threshold = _parse_id(argv[3], 0, strict=True)[0]
+    trim.strategy = strategy
+    return trim
+
+
+def xadd(ks: Keyspace, argv: Argv) -> Reply:
+    trim = _exact(argv) if len(argv) > 5 and len(argv) % 2 and argv[4] == b"*" else None
+    if trim is None:
+        trim = _Trim()
+        at, nomkstream, given, seq_given = trim.parse(argv, xadd=True)
+    else:
+        at, nomkstream, given, seq_given = 4, False, None, True
     fields = argv[at + 1:]
     if len(fields) < 2 or len(fields) % 2:
         raise ResponseError("ERR wrong number of arguments for 'xadd' command")
@@ -199,28 +218,11 @@ def xadd(ks: Keyspace, argv: Argv) -> Reply:
     return _format(id_)
 
 
-def _append_trimmed(ks: Keyspace, argv: Argv) -> Reply:
-    """XADD key MINID threshold * field value...: an entry on the clock, older ones dropped."""
-    minid = _parse_id(argv[3], 0, strict=True)[0]
-    key = argv[1]
-    s = _read(ks, key)
-    if s is None:
-        s = Stream()
-        ks.add(key, s)
-    if s.last == MAX_ID:
-        raise ResponseError("ERR The stream has exhausted the last possible ID, unable to add "
-                            "more items")
-    id_ = ks.now << 64 if ks.now > s.last >> 64 else s.last + 1
-    ks.resized(key, s.append(id_, argv[5:]))
-    count = bisect_left(s.ids, minid, lo=s.head) - s.head
-    if count:
-        ks.resized(key, s.trim(count))
-    return b"%d-%d" % (id_ >> 64, id_ & _SEQ)
-
-
 def xtrim(ks: Keyspace, argv: Argv) -> Reply:
-    trim = _Trim()
-    trim.parse(argv, xadd=False)
+    trim = _exact(argv) if len(argv) == 4 else None
+    if trim is None:
+        trim = _Trim()
+        trim.parse(argv, xadd=False)
     s = _read(ks, argv[1])
     return 0 if s is None else trim.apply(ks, argv[1], s)
 
