@@ -308,16 +308,22 @@ def child(tracing: Tracing | None, name: str) -> contextlib.AbstractContextManag
 
 def upstream_call(fn: Callable[Concatenate[R, ParsedRequest, P], Awaitable[T]]
                   ) -> Callable[Concatenate[R, ParsedRequest, P], Awaitable[T]]:
-    """Runs an upstream call (`forward.fetch`, `forward.relay`) inside its CLIENT span."""
+    """Runs an upstream call (`forward.fetch`, `forward.relay`) inside its CLIENT span. With
+    tracing off, the call's own coroutine is returned: no frame of this wrapper is held for as
+    long as the upstream takes."""
 
-    @functools.wraps(fn)
-    async def call(rt: R, req: ParsedRequest, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        tracing = rt.tracing
-        if tracing is None:
-            return await fn(rt, req, *args, **kwargs)
+    async def traced(tracing: Tracing, rt: R, req: ParsedRequest, /, *args: P.args,
+                     **kwargs: P.kwargs) -> T:
         pace = kwargs.get("pace_delay_s", 0.0)
         with tracing.upstream(req, pace if isinstance(pace, float | int) else 0.0):
             return await fn(rt, req, *args, **kwargs)
+
+    @functools.wraps(fn)
+    def call(rt: R, req: ParsedRequest, /, *args: P.args, **kwargs: P.kwargs) -> Awaitable[T]:
+        tracing = rt.tracing
+        if tracing is None:
+            return fn(rt, req, *args, **kwargs)
+        return traced(tracing, rt, req, *args, **kwargs)
 
     return call
 

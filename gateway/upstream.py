@@ -47,10 +47,10 @@ _DROP_RESPONSE = HOP_BY_HOP | {
     b"www-authenticate", b"alt-svc", b"x-request-id",
 }
 # Sent unless the client sent its own (Accept-Encoding: what aiohttp decodes without extras).
-_DEFAULT_HEADERS: Headers = [
-    (b"accept", b"*/*"), (b"accept-encoding", b"gzip, deflate"),
-    (b"user-agent", f"aio-gateway/{__version__}".encode()),
-]
+_DEFAULT_HEADERS = (  # as aiohttp takes them: str
+    ("accept", "*/*"), ("accept-encoding", "gzip, deflate"),
+    ("user-agent", f"aio-gateway/{__version__}"),
+)
 _RETRY_STATUS = frozenset({429, 502, 503, 504})
 _MAX_RETRY_WAIT_S = 10.0
 
@@ -267,10 +267,9 @@ class Upstream:
         session = self._session
         if session is None:
             session = self._session = self._open()
-        given = {name for name, _ in headers}
-        sent = [*((k.decode("latin-1"), v.decode("latin-1")) for k, v in _DEFAULT_HEADERS
-                  if k not in given),
-                *((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers),
+        client = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+        given = {name for name, _ in client}
+        sent = [*(pair for pair in _DEFAULT_HEADERS if pair[0] not in given), *client,
                 self._auth.get(account or self._default, self._auth[self._default])]
         url = self._url(path, query)
         attempt = 0
