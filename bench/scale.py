@@ -107,6 +107,7 @@ class Slice:
     seconds: float
     cpu_s: float  # the gateway's and, on Redis, Redis's
     store_cpu_s: float = 0.0  # Redis's alone
+    stub_cpu_s: float = 0.0  # the nginx stub's: a cost the data cannot change (the control)
 
 
 @dataclass
@@ -123,21 +124,25 @@ class Flat:
     def requests(self) -> int:
         return sum(s.requests for s in self.slices)
 
-    def window(self, first: bool, share: float = 0.1) -> tuple[float, float, float]:
-        """Requests/s, CPU µs per request and Redis's part of it over the first (or last)
-        `share` of the requests, each slice's requests taken as spread evenly over it."""
+    def window(self, first: bool, share: float = 0.1) -> tuple[float, float, float, float]:
+        """Requests/s, then CPU µs per request: the gateway's (Redis's included), Redis's and
+        the stub's, over the first (or last) `share` of the requests, each slice's requests
+        taken as spread evenly over it."""
         total = self.requests
         lo, hi = (0.0, share * total) if first else ((1 - share) * total, float(total))
-        seconds = cpu = store_cpu = 0.0
+        seconds = cpu = store_cpu = stub_cpu = 0.0
         start = 0
         for s in self.slices:
             overlap = max(0.0, min(hi, start + s.requests) - max(lo, start))
             if overlap and s.requests:
-                seconds += overlap / s.requests * s.seconds
-                cpu += overlap / s.requests * s.cpu_s
-                store_cpu += overlap / s.requests * s.store_cpu_s
+                part = overlap / s.requests
+                seconds += part * s.seconds
+                cpu += part * s.cpu_s
+                store_cpu += part * s.store_cpu_s
+                stub_cpu += part * s.stub_cpu_s
             start += s.requests
-        return (hi - lo) / seconds, cpu * 1e6 / (hi - lo), store_cpu * 1e6 / (hi - lo)
+        n = (hi - lo) / 1e6
+        return (hi - lo) / seconds, cpu / n, store_cpu / n, stub_cpu / n
 
 
 def flat(bench: run.Bench, store: str, total: int, slice_s: int, nonce: str) -> Flat:
@@ -145,6 +150,7 @@ def flat(bench: run.Bench, store: str, total: int, slice_s: int, nonce: str) -> 
     server = bench.server(f"gw_{store}")
     run.check(bench, run.CASES["d" if store == "memory" else "e"], server, nonce=nonce)
     redis = bench.servers["redis"].proc.pid if store == "redis" else None
+    stub = bench.server("stub")
 
     def store_cpu_s() -> float:
         return run.session_cpu_s(redis) if redis else 0.0
@@ -159,10 +165,11 @@ def flat(bench: run.Bench, store: str, total: int, slice_s: int, nonce: str) -> 
         if slices:  # the last slice only as long as the rest needs, at the last rate
             rate = slices[-1].requests / slices[-1].seconds
             duration = max(1, min(slice_s, int((total - done) / rate + 0.999)))
-        cpu, store_cpu = server.cpu_s(), store_cpu_s()
+        cpu, store_cpu, stub_cpu = server.cpu_s(), store_cpu_s(), stub.cpu_s()
         result = run.wrk(bench, server, "distinct", f"{nonce}-{store}-{len(slices)}", duration)
         slices.append(Slice(result["requests"], result["duration_us"] / 1e6,
-                            server.cpu_s() - cpu, store_cpu_s() - store_cpu))
+                            server.cpu_s() - cpu, store_cpu_s() - store_cpu,
+                            stub.cpu_s() - stub_cpu))
         errors += result["errors"]
         done += result["requests"]
         print(f"flat {store}: {done:,} of {total:,} requests, this slice "
@@ -381,20 +388,23 @@ def flat_section(results: list[Flat], args: argparse.Namespace) -> list[str]:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for f in results:
-        (r1, c1, _), (r2, c2, _) = f.window(True), f.window(False)
+        (r1, c1, _, _), (r2, c2, _, _) = f.window(True), f.window(False)
         lines.append(f"| {f.store} | {f.requests:,} | {len(f.slices)} | {r1:.0f} | {r2:.0f} | "
                      f"{r2 / r1:.2f}x | {c1:.0f} | {c2:.0f} | {f.rss_start_kb / 1024:.1f} MB | "
                      f"{f.rss_end_kb / 1024:.1f} MB | {f.errors} | {met(r2 / r1 >= 0.95)} |")
     lines.append("")
     for f in results:
         shown = ", ".join(f"{k}: {v:,}" for k, v in sorted(f.outcomes.items()))
-        (_, c1, s1), (_, c2, s2) = f.window(True), f.window(False)
+        (_, c1, s1, n1), (_, c2, s2, n2) = f.window(True), f.window(False)
         redis = (f"; Redis's RSS {f.redis_rss_kb[0] / 1024:.1f} MB at the start, "
                  f"{f.redis_rss_kb[1] / 1024:.1f} MB at the end; of the CPU per request, "
                  f"Redis's {s1:.0f} then {s2:.0f} µs, the gateway's {c1 - s1:.0f} then "
-                 f"{c2 - s2:.0f} µs (first and last 10%)" if f.redis_rss_kb else "")
+                 f"{c2 - s2:.0f} µs" if f.redis_rss_kb else "")
+        control = (f"; the nginx stub's CPU per request, which the data cannot change (if it "
+                   f"grows too, the machine slowed): {n1:.1f} then {n2:.1f} µs (first and last "
+                   "10%)")
         lines.append(f"- {f.store}: the gateway's count of answers (`/metrics`, whole run, one "
-                     f"check request included): {shown}{redis}.")
+                     f"check request included): {shown}{redis}{control}.")
         rates = " ".join(f"{s.requests / s.seconds:.0f}" for s in f.slices)
         lines.append(f"  Requests/s per run, in order: {rates}.")
     return [*lines, ""]
