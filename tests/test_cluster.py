@@ -112,6 +112,18 @@ def _give(cluster: RedisClusterServers, slot: int, to: RedisServer) -> None:
                f"every node to see slot {slot} on port {to.port}")
 
 
+def _migrate(slot: int, source: RedisServer, target: RedisServer) -> None:
+    """Start moving `slot` from `source` to `target`, as a resharding does before MIGRATE."""
+    target.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", source.cli("CLUSTER", "MYID"))
+    source.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", target.cli("CLUSTER", "MYID"))
+
+
+def _settle(slot: int, *nodes: RedisServer) -> None:
+    """Call off a migration of `slot`: it stays where it was."""
+    for node in nodes:
+        node.cli("CLUSTER", "SETSLOT", str(slot), "STABLE")
+
+
 def test_a_slot_moved_to_another_master_is_followed(redis_cluster: RedisClusterServers) -> None:
     """Resharding moved the team's slot: its old master answers MOVED (the script did not run),
     the call goes again to the new one, and the store reads the slot map again."""
@@ -151,8 +163,7 @@ def test_a_slot_being_migrated_is_asked_for_on_its_new_master(
     async def body(store: Store) -> None:
         assert await store.try_lock("job", "me", 60_000)
         redis_cluster.flush()
-        target.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", source.cli("CLUSTER", "MYID"))
-        source.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", target.cli("CLUSTER", "MYID"))
+        _migrate(slot, source, target)
         assert await store.try_lock("job", "me", 60_000)
         assert int(target.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) == 1
         assert int(source.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) == 0
@@ -161,8 +172,7 @@ def test_a_slot_being_migrated_is_asked_for_on_its_new_master(
         run(redis_cluster.url, body)
     finally:
         redis_cluster.flush()
-        for node in (source, target):
-            node.cli("CLUSTER", "SETSLOT", str(slot), "STABLE")
+        _settle(slot, source, target)
 
 
 def test_a_script_over_keys_split_by_a_migration_is_a_store_error(
@@ -177,13 +187,11 @@ def test_a_script_over_keys_split_by_a_migration_is_a_store_error(
 
     async def body(store: Store) -> None:
         assert (await store.admit(admission("a", quotas=(quota,)))).verdict is Verdict.ADMIT
-        target.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", source.cli("CLUSTER", "MYID"))
-        source.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", target.cli("CLUSTER", "MYID"))
+        _migrate(slot, source, target)
         with pytest.raises(StoreError, match="TRYAGAIN") as refused:
             await store.admit(admission("b", quotas=(quota,)))
         assert refused.value.maybe_ran is False
-        for node in (source, target):
-            node.cli("CLUSTER", "SETSLOT", str(slot), "STABLE")
+        _settle(slot, source, target)
         second = await store.admit(admission("b", quotas=(quota,)))
         assert second.verdict is Verdict.ADMIT
         assert second.quotas[0].remaining == 0  # the refused call counted nothing
@@ -192,8 +200,7 @@ def test_a_script_over_keys_split_by_a_migration_is_a_store_error(
         run(redis_cluster.url, body)
     finally:
         redis_cluster.flush()
-        for node in (source, target):
-            node.cli("CLUSTER", "SETSLOT", str(slot), "STABLE")
+        _settle(slot, source, target)
 
 
 @pytest.fixture
