@@ -59,14 +59,14 @@ class _HeadWatch:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float) -> None:
         self._loop = loop
-        self._interval_s = interval_s
+        self.interval_s = interval_s
         self._due: dict[HttpProtocol, float] = {}
         self._timer: asyncio.TimerHandle | None = None
 
     def wait(self, protocol: HttpProtocol, within_s: float) -> None:
         self._due[protocol] = self._loop.time() + within_s
         if self._timer is None:
-            self._timer = self._loop.call_later(self._interval_s, self._sweep)
+            self._timer = self._loop.call_later(self.interval_s, self._sweep)
 
     def stop(self, protocol: HttpProtocol) -> None:
         self._due.pop(protocol, None)
@@ -76,7 +76,7 @@ class _HeadWatch:
         for protocol in [p for p, due in self._due.items() if due <= now]:
             del self._due[protocol]
             protocol.head_overdue()
-        self._timer = self._loop.call_later(self._interval_s, self._sweep) if self._due else None
+        self._timer = self._loop.call_later(self.interval_s, self._sweep) if self._due else None
 
 
 _WATCHES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _HeadWatch] = (
@@ -92,9 +92,12 @@ class HttpProtocol(HttpToolsProtocol):
         super().__init__(config, *args, **kwargs)
         self._head_timeout_s = (config.head_timeout_s if isinstance(config, Config)
                                 else HEAD_TIMEOUT_S)
+        # looked over 4 times per timeout (the shortest of the loop's servers): a head is cut
+        # within 1.25x of it
         watch = _WATCHES.get(self.loop)
-        if watch is None:  # looked over 4 times per timeout: a head is cut within 1.25x of it
+        if watch is None:
             watch = _WATCHES[self.loop] = _HeadWatch(self.loop, self._head_timeout_s / 4)
+        watch.interval_s = min(watch.interval_s, self._head_timeout_s / 4)
         self._watch = watch
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

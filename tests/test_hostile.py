@@ -9,6 +9,7 @@ request afterwards is the day's first: `"day";r=99`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -23,8 +24,10 @@ from urllib.parse import quote
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from uvicorn.server import ServerState
 
 from gateway import inbound
+from gateway.server import Config, HttpProtocol
 
 from .conftest import (
     KEYS,
@@ -324,6 +327,22 @@ def test_a_busy_connection_outlives_the_head_timeout(
             assert conn.answer().status == 200, n
         assert conn.closed()
     assert mock.count("POST chat/completions") == 2
+
+
+def test_servers_on_one_loop_watch_heads_at_the_shortest_timeout() -> None:
+    """One timer per event loop looks over every connection waiting for a head, often enough
+    for the shortest head timeout among the loop's servers (a head is cut within 1.25x of its
+    own timeout)."""
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("no request is made")
+
+    async def main() -> tuple[bool, float]:
+        state = ServerState()
+        slow = HttpProtocol(Config(app, head_timeout_s=10), server_state=state, app_state={})
+        quick = HttpProtocol(Config(app, head_timeout_s=1), server_state=state, app_state={})
+        return slow._watch is quick._watch, quick._watch.interval_s
+
+    assert asyncio.run(main()) == (True, 0.25)
 
 
 def test_a_body_that_stalls_is_408(target: Target) -> None:
