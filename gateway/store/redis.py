@@ -17,17 +17,9 @@ from redis.asyncio import ConnectionPool, Redis, RedisCluster, Sentinel
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    NoScriptError,
-    ReadOnlyError,
-    RedisError,
-    ResponseError,
-    TryAgainError,
-)
+from redis.exceptions import RedisError
 
-from .base import ScriptFailed, StoreError
+from .base import StoreError
 from .multiplex import reply_error
 from .payload import Args
 from .scripts import SCRIPTS, Call, source
@@ -76,17 +68,6 @@ def client_from_url(url: str, *, timeout_s: float) -> tuple[Client, list[Redis]]
 def _lost(reply: Any) -> bool:
     """A NOSCRIPT reply: the script is not loaded (the store restarted); the call never ran."""
     return reply.__class__ is hiredis.ReplyError and str(reply).startswith("NOSCRIPT")
-
-
-def store_error(exc: BaseException) -> StoreError | ScriptFailed:
-    """What a redis-py failure means: the script failed (a defect), or the store is away (and
-    whether the command may still have run: not when the connection could not be made)."""
-    # redis-py takes the prefix off these replies' words; the others keep it for reply_error
-    transient = (ReadOnlyError, TryAgainError, ClusterDownError, AskError, NoScriptError)
-    if isinstance(exc, ResponseError) and not isinstance(exc, transient):
-        return reply_error(str(exc))
-    never_sent = "connecting to" in str(exc)  # redis-py's words for a connection not made
-    return StoreError(f"redis: {type(exc).__name__}", maybe_ran=not never_sent)
 
 
 class Link(Protocol):
@@ -170,5 +151,5 @@ class RedisEngine:
 
         try:
             return await flush()
-        except (TimeoutError, RedisError, OSError) as exc:
-            raise store_error(exc) from None
+        except (TimeoutError, RedisError, OSError) as exc:  # away, slow or refusing: no script
+            raise StoreError(f"redis: {type(exc).__name__}") from None
