@@ -35,15 +35,6 @@ class _TooDeep(Exception):
     pass
 
 
-def _scalar(value: Any, null: object) -> Any:
-    cls = value.__class__
-    if cls is str:
-        return value.encode()
-    if cls is int:
-        return float(value)
-    return null if value is None else value
-
-
 def _plain(root: Any, null: object) -> Any:
     """orjson's document with bytes for str, floats for ints, `null` for None."""
     try:
@@ -60,6 +51,7 @@ class _Deeper(Exception):
 
 
 def _shallow(value: Any, null: object, levels: int) -> Any:
+    """The conversion, by recursion; with `levels` 0, of a scalar only (`_nested` uses that)."""
     cls = value.__class__
     if cls is str:
         return value.encode()
@@ -85,7 +77,7 @@ def _nested(root: Any, null: object) -> Any:
     def convert(value: Any, depth: int) -> Any:
         cls = value.__class__
         if cls is not dict and cls is not list:
-            return _scalar(value, null)
+            return _shallow(value, null, 0)
         if depth > MAX_DEPTH:
             raise _TooDeep
         out: Any = {} if cls is dict else []
