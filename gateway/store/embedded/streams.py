@@ -114,13 +114,7 @@ class _Trim:
                 if more >= 2 and argv[i + 1] in (b"~", b"="):
                     self.approx = argv[i + 1] == b"~"
                     i += 1
-                if lower == b"maxlen":
-                    self.threshold = integer(argv[i + 1])
-                    if self.threshold < 0:
-                        raise ResponseError("ERR The MAXLEN argument must be >= 0.")
-                else:
-                    self.threshold = _parse_id(argv[i + 1], 0, strict=True)[0]
-                self.strategy = lower
+                self.set(lower, argv[i + 1])
                 i += 1
             elif lower == b"limit" and more:
                 self.limit = integer(argv[i + 1])
@@ -148,6 +142,16 @@ class _Trim:
             self.limit = _APPROX_LIMIT if self.approx else 0
         return i, nomkstream, id_, seq_given
 
+    def set(self, strategy: bytes, threshold: bytes) -> None:
+        """`maxlen` or `minid` (lowercase) and its threshold as given."""
+        if strategy == b"maxlen":
+            self.threshold = integer(threshold)
+            if self.threshold < 0:
+                raise ResponseError("ERR The MAXLEN argument must be >= 0.")
+        else:
+            self.threshold = _parse_id(threshold, 0, strict=True)[0]
+        self.strategy = strategy
+
     def apply(self, ks: Keyspace, key: bytes, s: Stream) -> int:
         if self.strategy == b"maxlen":
             count = max(len(s) - self.threshold, 0)
@@ -171,13 +175,7 @@ def _exact(argv: Argv) -> _Trim | None:
     if strategy not in (b"maxlen", b"minid") or argv[3] in (b"~", b"="):
         return None
     trim = _Trim()
-    if strategy == b"maxlen":
-        trim.threshold = integer(argv[3])
-        if trim.threshold < 0:
-            raise ResponseError("ERR The MAXLEN argument must be >= 0.")
-    else:
-        trim.threshold = _parse_id(argv[3], 0, strict=True)[0]
-    trim.strategy = strategy
+    trim.set(strategy, argv[3])
     return trim
 
 
