@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import Iterator
 
@@ -124,30 +125,40 @@ def _settle(slot: int, *nodes: RedisServer) -> None:
         node.cli("CLUSTER", "SETSLOT", str(slot), "STABLE")
 
 
+@contextlib.contextmanager
+def _slot_owners(cluster: RedisClusterServers,
+                 slot: int) -> Iterator[tuple[RedisServer, RedisServer]]:
+    """The master serving `slot` and another master, on an emptied cluster; afterwards the slot
+    is empty, no longer moving and served by its master again, whatever the test did to it."""
+    cluster.flush()
+    source, target = _owner_and_other(cluster, slot)
+    try:
+        yield source, target
+    finally:
+        cluster.flush()
+        _settle(slot, source, target)
+        _give(cluster, slot, source)
+
+
 def test_a_slot_moved_to_another_master_is_followed(redis_cluster: RedisClusterServers) -> None:
     """Resharding moved the team's slot: its old master answers MOVED (the script did not run),
     the call goes again to the new one, and the store reads the slot map again."""
-    redis_cluster.flush()
     slot = key_slot(b"t:t")  # the team's keys, {t:t}
-    source, target = _owner_and_other(redis_cluster, slot)
+    with _slot_owners(redis_cluster, slot) as (source, target):
 
-    async def body(store: Store) -> None:
-        first = await store.admit(Admission(team="t", key_id="k", ticket="a", hold_ms=10_000,
-                                            quotas=(QUOTA,)))
-        assert first.verdict is Verdict.ADMIT
-        redis_cluster.flush()  # an empty slot moves without MIGRATE
-        _give(redis_cluster, slot, target)
-        moved = await store.admit(Admission(team="t", key_id="k", ticket="b", hold_ms=10_000,
-                                            quotas=(QUOTA,)))
-        assert moved.verdict is Verdict.ADMIT
-        assert int(target.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) > 0
-        assert int(source.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) == 0
+        async def body(store: Store) -> None:
+            first = await store.admit(Admission(team="t", key_id="k", ticket="a", hold_ms=10_000,
+                                                quotas=(QUOTA,)))
+            assert first.verdict is Verdict.ADMIT
+            redis_cluster.flush()  # an empty slot moves without MIGRATE
+            _give(redis_cluster, slot, target)
+            moved = await store.admit(Admission(team="t", key_id="k", ticket="b", hold_ms=10_000,
+                                                quotas=(QUOTA,)))
+            assert moved.verdict is Verdict.ADMIT
+            assert int(target.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) > 0
+            assert int(source.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) == 0
 
-    try:
         run(redis_cluster.url, body)
-    finally:
-        redis_cluster.flush()
-        _give(redis_cluster, slot, source)
 
 
 def test_a_slot_being_migrated_is_asked_for_on_its_new_master(
@@ -156,23 +167,18 @@ def test_a_slot_being_migrated_is_asked_for_on_its_new_master(
     the importing master after ASKING, on the same connection, and runs there. (A script over
     several keys of which some are missing gets TRYAGAIN there instead, as Redis answers while
     a slot moves: a store error, see the README.)"""
-    redis_cluster.flush()
     slot = key_slot(b"org")  # the organisation's keys, {org}
-    source, target = _owner_and_other(redis_cluster, slot)
+    with _slot_owners(redis_cluster, slot) as (source, target):
 
-    async def body(store: Store) -> None:
-        assert await store.try_lock("job", "me", 60_000)
-        redis_cluster.flush()
-        _migrate(slot, source, target)
-        assert await store.try_lock("job", "me", 60_000)
-        assert int(target.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) == 1
-        assert int(source.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) == 0
+        async def body(store: Store) -> None:
+            assert await store.try_lock("job", "me", 60_000)
+            redis_cluster.flush()
+            _migrate(slot, source, target)
+            assert await store.try_lock("job", "me", 60_000)
+            assert int(target.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) == 1
+            assert int(source.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot))) == 0
 
-    try:
         run(redis_cluster.url, body)
-    finally:
-        redis_cluster.flush()
-        _settle(slot, source, target)
 
 
 def test_a_script_over_keys_split_by_a_migration_is_a_store_error(
@@ -180,27 +186,22 @@ def test_a_script_over_keys_split_by_a_migration_is_a_store_error(
     """Mid-migration, a script over a team's keys of which some are on the old master and some
     are missing gets TRYAGAIN: it did not run (nothing to undo), and it is a store error that
     `store.on_error` decides, until the slot has moved."""
-    redis_cluster.flush()
     slot = key_slot(b"t:t")
-    source, target = _owner_and_other(redis_cluster, slot)
-    quota = Quota("minute", 2, 60.0)
+    with _slot_owners(redis_cluster, slot) as (source, target):
+        quota = Quota("minute", 2, 60.0)
 
-    async def body(store: Store) -> None:
-        assert (await store.admit(admission("a", quotas=(quota,)))).verdict is Verdict.ADMIT
-        _migrate(slot, source, target)
-        with pytest.raises(StoreError, match="TRYAGAIN") as refused:
-            await store.admit(admission("b", quotas=(quota,)))
-        assert refused.value.maybe_ran is False
-        _settle(slot, source, target)
-        second = await store.admit(admission("b", quotas=(quota,)))
-        assert second.verdict is Verdict.ADMIT
-        assert second.quotas[0].remaining == 0  # the refused call counted nothing
+        async def body(store: Store) -> None:
+            assert (await store.admit(admission("a", quotas=(quota,)))).verdict is Verdict.ADMIT
+            _migrate(slot, source, target)
+            with pytest.raises(StoreError, match="TRYAGAIN") as refused:
+                await store.admit(admission("b", quotas=(quota,)))
+            assert refused.value.maybe_ran is False
+            _settle(slot, source, target)
+            second = await store.admit(admission("b", quotas=(quota,)))
+            assert second.verdict is Verdict.ADMIT
+            assert second.quotas[0].remaining == 0  # the refused call counted nothing
 
-    try:
         run(redis_cluster.url, body)
-    finally:
-        redis_cluster.flush()
-        _settle(slot, source, target)
 
 
 @pytest.fixture
