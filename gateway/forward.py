@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from .asgi import Headers, Message, Receive, Reply, head_length, wait_disconnect
 from .errors import UpstreamUnavailable
 from .fairness import Passage, busy
+from .http1 import Broken, Response
 from .request import ParsedRequest, upstream_headers
 from .runtime import Runtime
 from .settlement import End
 from .store import StoreError
 from .tracing import upstream_call
-from .upstream import UpstreamBroken, UpstreamResponse, response_headers, unavailable
+from .upstream import response_headers, unavailable
 
 log = logging.getLogger("gateway")
 TAIL_BYTES = 65536  # what a stream keeps of its end: the last events carry the credits
@@ -77,7 +78,7 @@ async def relay(rt: Runtime, req: ParsedRequest, seen: Upstreamed, receive: Rece
             if not 200 <= response.status_code < 300:
                 try:
                     await response.aread()
-                except UpstreamBroken as exc:
+                except Broken as exc:
                     raise unavailable(exc) from None
                 return Streamed(End.ANSWER, response.status_code, answer_headers(response),
                                 response.content, response.content)
@@ -114,7 +115,7 @@ async def relay(rt: Runtime, req: ParsedRequest, seen: Upstreamed, receive: Rece
                 complete = True
             finally:
                 gone.remove_done_callback(expire)
-    except (UpstreamBroken, TimeoutError) as exc:
+    except (Broken, TimeoutError) as exc:
         if not gone.done():
             log.warning("upstream stream broke off", extra={"fields": {
                 "request_id": req.request_id, "error": type(exc).__name__}})
@@ -129,7 +130,7 @@ async def relay(rt: Runtime, req: ParsedRequest, seen: Upstreamed, receive: Rece
 
 
 async def _send(rt: Runtime, req: ParsedRequest, seen: Upstreamed, passage: Passage,
-                *, stream: bool) -> UpstreamResponse:
+                *, stream: bool) -> Response:
     """Through the account whose slot the request holds; an account that refuses its key or
     has no credits (401/402) leaves the rotation, and the request moves to another."""
     account = await passage.take()
@@ -188,7 +189,7 @@ def _seen(rt: Runtime, req: ParsedRequest, seen: Upstreamed, status: str, starte
         rt.metrics.upstream_account_requests.labels(seen.account, status).inc()
 
 
-def answer_headers(response: UpstreamResponse) -> Headers:
+def answer_headers(response: Response) -> Headers:
     """The upstream's headers a client may see; `Retry-After` only where it means something,
     and for a HEAD the length its GET would have had."""
     status = response.status_code

@@ -17,7 +17,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import config as cfg
-from gateway.upstream import Upstream, UpstreamBroken, UpstreamResponse, response_headers
+from gateway import http1
+from gateway.upstream import Upstream, response_headers
 
 from .conftest import KEYS, UPSTREAM_KEY, GatewayFactory, Mock, ServerThread
 
@@ -44,7 +45,7 @@ def run(base_url: str, test: Callable[[Upstream], Awaitable[None]]) -> None:
     asyncio.run(main())
 
 
-async def chat(upstream: Upstream, *, stream: bool = False) -> UpstreamResponse:
+async def chat(upstream: Upstream, *, stream: bool = False) -> http1.Response:
     return await upstream.send("POST", "chat/completions", b"", JSON, CHAT, stream=stream)
 
 
@@ -146,12 +147,12 @@ def test_read_to_the_end_gives_the_connection_back(mock: Mock) -> None:
 
 
 def test_broken_body_is_a_transport_error(mock: Mock) -> None:
-    """The upstream cuts the connection mid-body: `UpstreamBroken`, and a clean pool after."""
+    """The upstream cuts the connection mid-body: `Broken`, and a clean pool after."""
     mock.fault(drop=True)
 
     async def test(upstream: Upstream) -> None:
         response = await chat(upstream, stream=True)
-        with pytest.raises(UpstreamBroken):
+        with pytest.raises(http1.Broken):
             await response.aread()
         await response.aclose()
         assert upstream.in_use == 0
@@ -209,7 +210,7 @@ def upstream_url() -> Iterator[str]:
 
 
 def test_request_goes_out_as_built(upstream_url: str) -> None:
-    """The key, the gateway's headers and the body; no header added by aiohttp; one Host."""
+    """The key, the gateway's headers and the body; no other header; one Host."""
 
     async def test(upstream: Upstream) -> None:
         response = await upstream.send("POST", "echo", b"", [*JSON, (b"x-request-id", b"r1")],
@@ -240,7 +241,7 @@ def test_redirects_are_not_followed(upstream_url: str) -> None:
 
 
 def test_compressed_answer_is_decoded_once(upstream_url: str) -> None:
-    """aiohttp decodes the body, and the framing is not passed on."""
+    """The gzip body is decoded, and the framing is not passed on."""
 
     async def test(upstream: Upstream) -> None:
         response = await upstream.send("GET", "zipped", b"", [], b"")
