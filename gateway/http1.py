@@ -61,6 +61,9 @@ class Pool:
         self._waiters: collections.deque[asyncio.Future[_Connection | None]] = (
             collections.deque())
         self._closed = False
+        # the loop the pool serves on, from its first request: asyncio.get_running_loop()
+        # makes a system call (getpid) on Python 3.11, a pool's connections are the loop's
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def head(self, method: str, target: str, headers: Headers, body: bytes) -> bytes:
         """The request line and header block, framed for `body` (one Host, one length)."""
@@ -75,6 +78,8 @@ class Pool:
     async def request(self, method: str, head: bytes, body: bytes) -> Response:
         """Send a request (`head` from `head()`) and wait for its answer's status and headers;
         raises `Broken`. Cancelled at any point, the connection is closed, not lent again."""
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
         conn = self._pooled() or await self._connection()
         response = Response(conn, method)
         try:
@@ -86,7 +91,8 @@ class Pool:
         return response
 
     def _pooled(self) -> _Connection | None:
-        idle, loop = self._idle, asyncio.get_running_loop()
+        idle, loop = self._idle, self.loop
+        assert loop is not None
         while idle:
             conn = idle.pop()
             if conn.usable(loop.time() - self.keepalive_s):
@@ -106,8 +112,8 @@ class Pool:
                         return conn
                     if self._open < self.limit:
                         return await self._connect()
-                    waiter: asyncio.Future[_Connection | None] = (
-                        asyncio.get_running_loop().create_future())
+                    assert self.loop is not None
+                    waiter: asyncio.Future[_Connection | None] = self.loop.create_future()
                     self._waiters.append(waiter)
                     try:
                         conn = await waiter
@@ -128,7 +134,8 @@ class Pool:
 
     async def _connect(self) -> _Connection:
         self._open += 1
-        loop = asyncio.get_running_loop()
+        loop = self.loop
+        assert loop is not None
         try:
             async with asyncio.timeout(self.connect_s):
                 _, conn = await loop.create_connection(
@@ -159,7 +166,7 @@ class Pool:
             if not waiter.done():
                 waiter.set_result(conn)
                 return
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = conn.loop.time()
         self._idle.append(conn)
 
     def lost(self, conn: _Connection, lent: bool) -> None:
@@ -195,6 +202,8 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
+        assert pool.loop is not None
+        self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.response: Response | None = None  # the answer being received (lent)
@@ -212,7 +221,7 @@ class _Connection(asyncio.Protocol):
     def send(self, response: Response, head: bytes, body: bytes) -> None:
         assert self.transport is not None
         self.response, self.lent = response, True
-        loop = response._head.get_loop()
+        loop = self.loop
         self.last_read = loop.time()
         if self._timer is None:  # one timer per connection, moved on only when it fires
             self._timer = loop.call_at(self.last_read + self.pool.read_s, self._check_read)
@@ -224,7 +233,7 @@ class _Connection(asyncio.Protocol):
         if response is None:  # idle: the next request arms it again
             self._timer = None
             return
-        loop = response._head.get_loop()
+        loop = self.loop
         due = self.last_read + self.pool.read_s
         if response._paused:
             due = loop.time() + self.pool.read_s
@@ -264,7 +273,7 @@ class _Connection(asyncio.Protocol):
         if response is None:  # bytes nobody asked for: the connection is out of step
             self.close()
             return
-        self.last_read = response._head.get_loop().time()
+        self.last_read = self.loop.time()
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
@@ -353,7 +362,7 @@ class Response:
         self.status_code = 0
         self.headers: Headers = []
         self.content = b""
-        self._head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._head: asyncio.Future[None] = conn.loop.create_future()
         self._head_bytes = 0
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0

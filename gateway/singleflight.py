@@ -17,39 +17,50 @@ from .asgi import Reply
 
 
 class Flight:
-    """A leader's promise of an answer to its followers."""
+    """A leader's promise of an answer to its followers. Nothing is made for a request that
+    nobody follows: the future (and the copy of the answer) only once a follower asks."""
 
-    __slots__ = ("_future",)
+    __slots__ = ("_answer", "_published", "_waiter")
 
-    def __init__(self, future: asyncio.Future[Reply | None]) -> None:
-        self._future = future
+    def __init__(self) -> None:
+        self._waiter: asyncio.Future[Reply | None] | None = None
+        self._published = False
+        self._answer: Reply | None = None
 
     def publish(self, reply: Reply | None) -> None:
         """Hand the answer (None: there is none) to every follower, each its own copy."""
-        if not self._future.done():
-            self._future.set_result(
-                None if reply is None else Reply(reply.status, list(reply.headers), reply.body))
+        if self._published:
+            return
+        self._published, self._answer = True, reply
+        if self._waiter is not None:
+            self._waiter.set_result(_copy(reply))  # before the leader decorates its own
+
+    def waiter(self) -> asyncio.Future[Reply | None]:
+        if self._waiter is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            if self._published:
+                self._waiter.set_result(_copy(self._answer))
+        return self._waiter
 
 
 class Flights:
     def __init__(self) -> None:
-        self._entries: dict[str, asyncio.Future[Reply | None]] = {}
+        self._entries: dict[str, Flight] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
     @contextlib.contextmanager
     def lead(self, key: str) -> Iterator[Flight]:
-        future: asyncio.Future[Reply | None] = asyncio.get_running_loop().create_future()
+        flight = Flight()
         owned = key not in self._entries
         if owned:
-            self._entries[key] = future
+            self._entries[key] = flight
         try:
-            yield Flight(future)
+            yield flight
         finally:
-            if not future.done():
-                future.set_result(None)  # no answer: followers ask again
-            if owned and self._entries.get(key) is future:
+            flight.publish(None)  # no answer (unless one was published): followers ask again
+            if owned and self._entries.get(key) is flight:
                 del self._entries[key]
 
     def __contains__(self, key: str) -> bool:
@@ -57,13 +68,17 @@ class Flights:
 
     async def follow(self, key: str, timeout_s: float) -> Reply | None:
         """A copy of the leader's answer; None when it had none (or none leads here)."""
-        future = self._entries.get(key)
-        if future is None:
+        flight = self._entries.get(key)
+        if flight is None:
             return None
         try:
-            reply = await asyncio.wait_for(asyncio.shield(future), timeout_s)
+            reply = await asyncio.wait_for(asyncio.shield(flight.waiter()), timeout_s)
         except TimeoutError:
             return None
         if reply is None:
             return None
-        return Reply(reply.status, list(reply.headers), reply.body)
+        return _copy(reply)
+
+
+def _copy(reply: Reply | None) -> Reply | None:
+    return None if reply is None else Reply(reply.status, list(reply.headers), reply.body)
