@@ -7,6 +7,7 @@ import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -14,7 +15,7 @@ import pytest
 import uvloop
 
 from gateway.quota import Quota, gcra
-from gateway.store import Store, open_store
+from gateway.store import Store, open_store, scripts
 from gateway.store.base import (
     AccountPace,
     Admission,
@@ -69,6 +70,20 @@ def admission(ticket: str = "t1", **kw: Any) -> Admission:
 
 def reserve(ticket: str, amount: int, period: str = "m2026-11") -> Reservation:
     return Reservation(ticket, period, amount, CONTEXT)
+
+
+def test_each_script_that_uses_the_slot_library_is_loaded_with_it() -> None:
+    """lib_slots.lua is prepended only to the scripts listed for it: a script calling one of
+    its functions without it would fail at run time, on its first call."""
+    lua = Path(scripts.__file__).parent / "lua"
+    library = (lua / "lib_slots.lua").read_text()
+    defined = set(re.findall(r"^(?:local )?function (\w+)", library, re.MULTILINE))
+    assert {"decide_slot", "load_accounts"} <= defined
+    for name in scripts.SCRIPTS:
+        path = lua / f"{name}.lua"
+        used = {fn for fn in defined if re.search(rf"\b{fn}\(", path.read_text())}
+        assert bool(used) == (name in scripts._SLOT_SCRIPTS), (name, used)
+        assert ("local function decide_slot" in scripts.source(name)) == bool(used), name
 
 
 # -- GCRA maths (pure) -----------------------------------------------------------------------

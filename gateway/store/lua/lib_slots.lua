@@ -1,5 +1,6 @@
--- lib_slots.lua: the upstream accounts and the fair queue in front of them (prepended to every
--- script after lib.lua). Organisation-wide state, in the `{org}` hash slot:
+-- lib_slots.lua: the upstream accounts and the fair queue in front of them (prepended after
+-- lib.lua to the scripts that use it: scripts.py `_SLOT_SCRIPTS`). Organisation-wide state, in
+-- the `{org}` hash slot:
 --   sched (hash)    a:<id>:tat   the account's GCRA theoretical arrival time (ms)
 --                   a:<id>:down  ms until which it is out of rotation (it refused its key)
 --                   a:<id>:why   the upstream status that took it out (401, 402)
