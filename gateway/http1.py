@@ -200,6 +200,9 @@ class Pool:
 class _Connection(asyncio.Protocol):
     """One connection, one answer at a time; the parser's callbacks feed the answer."""
 
+    __slots__ = ("_timer", "closed", "idle_since", "last_read", "lent", "loop", "parser", "pool",
+                 "response", "transport")
+
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         assert pool.loop is not None

@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from gateway import config as cfg
 from gateway import http1
+from gateway.forward import _Deadline
 from gateway.upstream import Upstream, response_headers
 
 from .conftest import KEYS, UPSTREAM_KEY, GatewayFactory, Mock, ServerThread
@@ -271,3 +272,46 @@ def test_default_engine_verifies_tls_with_certifi() -> None:
     assert upstream._tls.verify_mode == ssl.CERT_REQUIRED
     assert upstream._tls.get_ca_certs()  # certifi's roots, loaded once
     asyncio.run(upstream.aclose())
+
+
+# -- the overall deadline (forward._Deadline) ------------------------------------------------
+
+
+def test_the_deadline_ends_the_call_as_a_timeout() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with pytest.raises(TimeoutError):
+            with _Deadline(loop, 0.01):
+                await asyncio.Event().wait()
+        with _Deadline(loop, 60):  # met: nothing happens, and nothing is left scheduled
+            await asyncio.sleep(0)
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0
+
+    asyncio.run(main())
+
+
+def test_a_cancellation_from_elsewhere_stays_one() -> None:
+    """The caller's own cancellation during the deadline is not turned into a timeout, even
+    when the deadline expired in the same turn."""
+
+    async def inner(started: asyncio.Event) -> None:
+        with _Deadline(asyncio.get_running_loop(), 60):
+            started.set()
+            await asyncio.Event().wait()
+
+    async def both(started: asyncio.Event) -> None:
+        with _Deadline(asyncio.get_running_loop(), 0):
+            started.set()
+            await asyncio.Event().wait()
+
+    async def main() -> None:
+        for body in (inner, both):
+            started = asyncio.Event()
+            task = asyncio.create_task(body(started))
+            await started.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
