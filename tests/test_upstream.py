@@ -280,9 +280,8 @@ def test_default_engine_verifies_tls_with_certifi() -> None:
 def test_the_deadline_ends_the_call_as_a_timeout() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        with pytest.raises(TimeoutError):
-            with _Deadline(loop, 0.01):
-                await asyncio.Event().wait()
+        with pytest.raises(TimeoutError), _Deadline(loop, 0.01):
+            await asyncio.Event().wait()
         with _Deadline(loop, 60):  # met: nothing happens, and nothing is left scheduled
             await asyncio.sleep(0)
         task = asyncio.current_task()
