@@ -64,6 +64,7 @@ class Pool:
         # the loop the pool serves on, from its first request: asyncio.get_running_loop()
         # makes a system call (getpid) on Python 3.11, a pool's connections are the loop's
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._sweep: asyncio.TimerHandle | None = None  # the read timeout's, while any waits
 
     def head(self, method: str, target: str, headers: Headers, body: bytes) -> bytes:
         """The request line and header block, framed for `body` (one Host, one length)."""
@@ -154,6 +155,30 @@ class Pool:
         self.in_use += 1
         return conn
 
+    def watch_reads(self) -> None:
+        """Look for answers silent past `read_s` four times per `read_s` while any is awaited
+        (a silent upstream is cut within 1.25x of it): one timer per pool, not one per
+        connection (a held request costs its memory)."""
+        if self._sweep is None and self.loop is not None:
+            self._sweep = self.loop.call_later(self.read_s / 4, self._check_reads)
+
+    def _check_reads(self) -> None:
+        self._sweep = None
+        assert self.loop is not None
+        now, awaited = self.loop.time(), False
+        for conn in list(self._made):
+            response = conn.response
+            if response is None:
+                continue
+            awaited = True
+            if response._paused:  # it waits on its reader, not on the upstream
+                conn.last_read = now
+            elif now - conn.last_read >= self.read_s:
+                response._fail(Broken("timeout"))
+                conn.close()
+        if awaited:
+            self.watch_reads()
+
     def release(self, conn: _Connection) -> None:
         """A connection whose answer is complete: to the longest waiter, or kept idle."""
         self.in_use -= 1
@@ -193,6 +218,9 @@ class Pool:
     async def close(self) -> None:
         """Close every connection, lent ones too (their answers break off)."""
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for conn in list(self._made):
             conn.close()
 
@@ -200,7 +228,7 @@ class Pool:
 class _Connection(asyncio.Protocol):
     """One connection, one answer at a time; the parser's callbacks feed the answer."""
 
-    __slots__ = ("_timer", "closed", "idle_since", "last_read", "lent", "loop", "parser", "pool",
+    __slots__ = ("closed", "idle_since", "last_read", "lent", "loop", "parser", "pool",
                  "response", "transport")
 
     def __init__(self, pool: Pool) -> None:
@@ -213,8 +241,7 @@ class _Connection(asyncio.Protocol):
         self.lent = True  # made for a request
         self.closed = False
         self.idle_since = 0.0
-        self.last_read = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self.last_read = 0.0  # when the answer's last byte came (or the request left)
 
     def usable(self, fresh_since: float) -> bool:
         transport = self.transport
@@ -224,28 +251,9 @@ class _Connection(asyncio.Protocol):
     def send(self, response: Response, head: bytes, body: bytes) -> None:
         assert self.transport is not None
         self.response, self.lent = response, True
-        loop = self.loop
-        self.last_read = loop.time()
-        if self._timer is None:  # one timer per connection, moved on only when it fires
-            self._timer = loop.call_at(self.last_read + self.pool.read_s, self._check_read)
+        self.last_read = self.loop.time()
+        self.pool.watch_reads()
         self.transport.write(head + body if len(body) < 65536 else b"".join((head, body)))
-
-    def _check_read(self) -> None:
-        """No byte for the read timeout (a paused stream waits on its reader, not on this)."""
-        response = self.response
-        if response is None:  # idle: the next request arms it again
-            self._timer = None
-            return
-        loop = self.loop
-        due = self.last_read + self.pool.read_s
-        if response._paused:
-            due = loop.time() + self.pool.read_s
-        if loop.time() < due:
-            self._timer = loop.call_at(due, self._check_read)
-            return
-        self._timer = None
-        response._fail(Broken("timeout"))
-        self.close()
 
     def close(self) -> None:
         """Close now: the pool counts it gone at once, and an unfinished answer is broken."""
@@ -257,9 +265,6 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         response, self.response = self.response, None
         lent, self.lent = self.lent, False
         if response is not None:
@@ -367,7 +372,7 @@ class Response:
         self.content = b""
         self._head: asyncio.Future[None] = conn.loop.create_future()
         self._head_bytes = 0
-        self._chunks: collections.deque[bytes] = collections.deque()
+        self._chunks: list[bytes] = []  # (a deque costs 600 bytes even empty)
         self._buffered = 0
         self._paused = False
         self._whole = False  # read by `aread`: the connection never pauses
@@ -400,14 +405,14 @@ class Response:
         """The body's chunks as they arrive (decoded, when the upstream compressed it)."""
         try:
             while True:
-                if self._chunks:
-                    chunk = self._chunks.popleft()
-                    self._buffered -= len(chunk)
-                    if self._paused and self._buffered < HIGH_WATER // 2:
+                if self._chunks:  # all that came, at once: the connection reads on meanwhile
+                    chunks, self._chunks, self._buffered = self._chunks, [], 0
+                    if self._paused:
                         self._resume()
-                    chunk = self._decoded(chunk, final=False)
-                    if chunk:
-                        yield chunk
+                    for chunk in chunks:
+                        decoded = self._decoded(chunk, final=False)
+                        if decoded:
+                            yield decoded
                 elif self._ended:
                     tail = self._decoded(b"", final=True)
                     if tail:

@@ -128,6 +128,18 @@ class Upstream:
     async def aclose(self) -> None:
         await self._pool.close()
 
+    def _head(self, method: str, path: str, query: bytes, headers: Headers, body: bytes,
+              account: str | None) -> bytes:
+        """The request's head: the gateway's defaults unless the client sent its own, the
+        client's headers, and the account's key."""
+        given = {name for name, _ in headers}
+        sent = [*(pair for pair in _DEFAULT_HEADERS if pair[0] not in given), *headers,
+                self._auth.get(account or self._default, self._auth[self._default])]
+        target = self._prefix + path
+        if query:
+            target += "?" + query.decode("latin-1")
+        return self._pool.head(method, target, sent, body)
+
     async def send(
         self,
         method: str,
@@ -145,14 +157,8 @@ class Upstream:
 
         With `stream`, the body is left to read (`aiter_bytes`) and the caller must `aclose()`
         the response; otherwise it is read before returning. No redirect is followed."""
-        given = {name for name, _ in headers}
-        sent = [*(pair for pair in _DEFAULT_HEADERS if pair[0] not in given), *headers,
-                self._auth.get(account or self._default, self._auth[self._default])]
-        target = self._prefix + path
-        if query:
-            target += "?" + query.decode("latin-1")
         pool = self._pool
-        head = pool.head(method, target, sent, body)
+        head = self._head(method, path, query, headers, body, account)
         attempt = 0
         while True:
             wait: float | None = None
