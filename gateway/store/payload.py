@@ -66,15 +66,18 @@ def admit(a: Admission) -> Args:
         "task": True if a.task_id else None,
         "cache": True if a.cache else None,
         "served_ttl_ms": a.served[1] if a.served else None,
-        "resv": {"id": r.id, "period": r.period, "amount": r.amount, "key": r.key,
-                 "context": r.context.decode()} if r else None,
+        "resv": {"id": r.id, "period": r.period, "amount": r.amount, "key": r.key}
+        if r else None,
         "budget": a.budget_limit if r else None,
         "key_budget": a.key_budget_limit if r and r.key else None,
         "slot": slot_ask(a.slot) if a.slot else None,
-        "hit_event": a.hit_event.decode() if a.hit_event else None,
+        "hit_event": True if a.hit_event else None,
         "ledger": _ledger(a.ledger),
     })
-    return [payload, a.served[0] if a.served else b""]
+    # the ledger contexts as blobs: JSON inside the payload would be escaped, and decoding it
+    # was a fifth of the admission's time in Redis
+    return [payload, a.served[0] if a.served else b"", r.context if r else b"",
+            a.hit_event or b""]
 
 
 def parse_admit(a: Admission, raw: list[Any]) -> AdmitResult:

@@ -7,12 +7,14 @@
 --      10 tombstone of this ticket (see cancel.lua)             11 ledger stream
 --      12 slot queue   13 slot deadlines   14 slot waiters   15 slot minimums queue
 -- ARGV  1 payload   2 a hit already found in another hash slot ('' = none; Redis Cluster)
+--       3 the reservation's ledger context   4 the ledger context of a hit (blobs, not JSON:
+--       inside the payload they would be escaped, and slower to decode)
 -- payload: ticket, key (key id), hold_ms, count (count it against the quotas),
 --   quotas [[field, limit, period ms], ...], idem {fp, ttl_ms}, task (the team must own KEYS[4]),
 --   cache (look up KEYS[5], coalesce on KEYS[6]), served_ttl_ms (ARGV[2]'s ttl),
---   resv {id, period, amount, key, context}, budget / key_budget (limits, millicredits),
---   slot (an upstream slot to take, see lib_slots.lua), hit_event (ledger context of a hit),
---   ledger {min_ms, max_len}
+--   resv {id, period, amount, key} (its context: ARGV[3]), budget / key_budget (limits,
+--   millicredits), slot (an upstream slot to take, see lib_slots.lua), hit_event (record a hit
+--   with ARGV[4]), ledger {min_ms, max_len}
 -- Returns {verdict, now ms, retry ms, slot wait ms, budget used or -1, key budget used or -1,
 --          entry or false, entry ttl ms, account granted or false, probe 0/1,
 --          task's account or false, then (remaining, reset ms) per quota}
@@ -126,7 +128,7 @@ local function served(entry, ttl)
   end
   if p.hit_event then
     local meta = cjson.decode(string.match(entry, '^[^\n]*'))
-    record(KEYS[11], p.ledger, event(p.hit_event,
+    record(KEYS[11], p.ledger, event(ARGV[4],
       ',"kind":"charge","credits":0,"cached":true,"saved":' .. string.format('%d', meta.c or 0)))
   end
   return reply(HIT, 0, 0, nil, nil, entry, ttl, states)
@@ -186,7 +188,7 @@ count()
 hold_idempotency()
 if p.cache then redis.call('SET', KEYS[6], ticket, 'PX', hold) end
 if r then
-  redis.call('HSET', KEYS[8], r.id, reservation(now + hold, r.period, r.amount, r.key, r.context))
+  redis.call('HSET', KEYS[8], r.id, reservation(now + hold, r.period, r.amount, r.key, ARGV[3]))
   unreserve(KEYS[7], r.period, -r.amount, r.key)
   if used then used = used + r.amount end
   if key_used then key_used = key_used + r.amount end
