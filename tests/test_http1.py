@@ -5,14 +5,47 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import ipaddress
+import ssl
 import zlib
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
+import orjson
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from gateway import config as cfg
 from gateway import http1
+from gateway.upstream import Upstream
 
 Answer = Callable[[bytes], Awaitable[bytes | None]]  # the request head -> the bytes to send back
+
+
+def self_signed(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for 127.0.0.1, and a client context trusting it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_file, key_file)
+    return server, ssl.create_default_context(cafile=str(cert_file))
 
 
 class Scripted:
@@ -20,8 +53,10 @@ class Scripted:
     back (None: close the connection without a word); with `close_after`, the connection is
     closed after each answer, whatever the answer says."""
 
-    def __init__(self, answer: Answer, *, close_after: bool = False) -> None:
+    def __init__(self, answer: Answer, *, close_after: bool = False,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.answer = answer
+        self.tls = tls
         self.close_after = close_after
         self.closed = asyncio.Event()  # set when the server has closed a connection
         self.connections = 0
@@ -31,7 +66,7 @@ class Scripted:
         self._writers: list[asyncio.StreamWriter] = []
 
     async def __aenter__(self) -> Scripted:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -48,9 +83,9 @@ class Scripted:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
 
-    def pool(self, **options: float) -> http1.Pool:
+    def pool(self, tls: ssl.SSLContext | None = None, **options: float) -> http1.Pool:
         settings = {"limit": 4, "wait_s": 5.0, "connect_s": 5.0, "read_s": 5.0, **options}
-        pool = http1.Pool("127.0.0.1", self.port, f"127.0.0.1:{self.port}", tls=None,
+        pool = http1.Pool("127.0.0.1", self.port, f"127.0.0.1:{self.port}", tls=tls,
                           limit=int(settings.pop("limit")), **settings)
         self._pools.append(pool)
         return pool
@@ -318,3 +353,33 @@ def test_refused_is_unsent() -> None:
         assert pool.in_use == 0 and pool._open == 0
 
     run(fixed(ok()), test)
+
+
+def test_tls_is_verified_and_kept_alive(tmp_path: Path) -> None:
+    """Over TLS the certificate is checked against the pool's context (a server it does not
+    trust is a connection never made), and `Upstream` reaches an https base URL with a port."""
+    server_tls, trusting = self_signed(tmp_path)
+
+    async def echo(head: bytes) -> bytes:
+        return ok(orjson.dumps({"line": head.split(b"\r\n")[0].decode()}))
+
+    async def main() -> None:
+        async with Scripted(echo, tls=server_tls) as server:
+            pool = server.pool(tls=trusting)
+            for _ in range(2):
+                assert (await fetch(pool, path="/secure")).status_code == 200
+            assert server.connections == 1
+            untrusting = server.pool(tls=ssl.create_default_context())
+            with pytest.raises(http1.Broken) as raised:
+                await fetch(untrusting)
+            assert raised.value.kind == "connect" and untrusting.in_use == 0
+            upstream = Upstream(cfg.Upstream(base_url=f"https://127.0.0.1:{server.port}/api/v1",
+                                             api_key="aio_x", retries=0), verify=trusting)
+            try:
+                answer = await upstream.send("GET", "tasks/abc", b"n=1", [], b"")
+                line = orjson.loads(answer.content)["line"]
+                assert line == "GET /api/v1/tasks/abc?n=1 HTTP/1.1"
+            finally:
+                await upstream.aclose()
+
+    asyncio.run(main())
