@@ -89,7 +89,7 @@ CASES = {c.id: c for c in [
     Case("c_hx", "(c-hx) pass-through, httpx over httpx-aiohttp", "as (c) with httpx over the "
          "`httpx-aiohttp` package's transport", "passthrough_httpx-aiohttp"),
     Case("c_up", "(c-up) pass-through, the gateway's Upstream", "as (c) with the gateway's "
-         "`Upstream.send` (aiohttp with its header hygiene)",
+         "`Upstream.send` (its HTTP/1.1 pool over httptools, with its header hygiene)",
          "passthrough_upstream"),
     Case("c_aio", "(c-aio) Starlette + aiohttp client pass-through", "as (c) with one "
          "aiohttp.ClientSession used directly: the floor for a Python proxy",
@@ -599,10 +599,11 @@ def _frame_name(frame: dict[str, Any]) -> str:
 
 
 _LOOP_FILES = ("asyncio/runners.py", "asyncio/base_events.py", "uvloop/__init__.py")
-_CLIENT = "upstream HTTP client (httpx, aiohttp, yarl, multidict)"
+_CLIENT = "upstream HTTP client (gateway/upstream.py, gateway/http1.py; httpx, aiohttp...)"
 _AREAS = [
     ("gateway/store/", "gateway: store (gateway/store/)"),
     ("gateway/upstream.py", _CLIENT),
+    ("gateway/http1.py", _CLIENT),
     ("gateway/", "gateway: the rest (proxy, auth, cache, metrics calls...)"),
     ("redis/", "Redis client (redis-py)"),
     *((f"{package}/", _CLIENT) for package in (
