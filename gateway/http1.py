@@ -301,7 +301,8 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self.response
-        assert response is not None
+        if response is None:  # a second answer to one request: the connection is out of step
+            raise httptools.HttpParserError("an answer nobody asked for")
         response._head_bytes += len(name) + len(value)
         if response._head_bytes > MAX_HEAD_BYTES:
             raise httptools.HttpParserError("the answer's head is too large")
@@ -309,7 +310,8 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         response = self.response
-        assert response is not None
+        if response is None:
+            raise httptools.HttpParserError("an answer nobody asked for")
         status = self.parser.get_status_code()
         if 100 <= status < 200:  # an interim answer (103 Early Hints): the real one follows
             response.headers = []
@@ -333,7 +335,11 @@ class _Connection(asyncio.Protocol):
     def _complete(self, response: Response, keep_alive: bool) -> None:
         self.response = None
         response._done()
-        if keep_alive and not self.closed:
+        transport = self.transport
+        # answered before the whole request was sent (an early error): the rest would be read
+        # as the next request, so the connection is not lent again
+        if (keep_alive and not self.closed and transport is not None
+                and not transport.get_write_buffer_size()):
             self.lent = False
             self.pool.release(self)
         else:

@@ -54,9 +54,10 @@ class Scripted:
     closed after each answer, whatever the answer says."""
 
     def __init__(self, answer: Answer, *, close_after: bool = False,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, read_body: bool = True) -> None:
         self.answer = answer
         self.tls = tls
+        self.read_body = read_body  # False: answer as soon as the head is in
         self.close_after = close_after
         self.closed = asyncio.Event()  # set when the server has closed a connection
         self.connections = 0
@@ -98,7 +99,8 @@ class Scripted:
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                                if line.lower().startswith(b"content-length:")), 0)
-                await reader.readexactly(length)
+                if self.read_body:
+                    await reader.readexactly(length)
                 self.requests.append(head)
                 out = await self.answer(head)
                 if out is None:
@@ -381,5 +383,46 @@ def test_tls_is_verified_and_kept_alive(tmp_path: Path) -> None:
                 assert line == "GET /api/v1/tasks/abc?n=1 HTTP/1.1"
             finally:
                 await upstream.aclose()
+
+    asyncio.run(main())
+
+
+def test_an_answer_nobody_asked_for_ends_the_connection(caplog: pytest.LogCaptureFixture) -> None:
+    """Two answers to one request: the first is the request's, and the connection, out of step,
+    is closed by the pool (not by the event loop's handler of a failed protocol) and not lent
+    again."""
+
+    async def test(server: Scripted) -> None:
+        pool = server.pool()
+        assert (await fetch(pool, path="/one")).content == b"first"
+        for _ in range(100):  # the second answer reaches the client's loop within a few turns
+            if not pool._idle:
+                break
+            await asyncio.sleep(0)
+        assert not pool._idle and pool.in_use == 0
+        assert (await fetch(pool, path="/two")).content == b"first"
+        assert server.connections == 2
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        run(fixed(ok(b"first") + ok(b"second")), test)
+    assert "Fatal error" not in caplog.text  # asyncio's words for a protocol that raised
+
+
+def test_answered_before_the_body_was_sent_is_not_reused() -> None:
+    """An upstream that answers before reading the whole body (an early error): what is left
+    of the body would reach it as the next request, so the connection is closed."""
+
+    async def test(server: Scripted) -> None:
+        pool = server.pool()
+        body = b"x" * (16 * 1024 * 1024)  # more than the sockets' buffers hold
+        early = await fetch(pool, "POST", "/upload", body)
+        assert (early.status_code, early.content) == (200, b"early")
+        assert pool.in_use == 0 and not pool._idle
+        assert (await fetch(pool, path="/next")).content == b"early"
+        assert server.connections == 2
+
+    async def main() -> None:
+        async with Scripted(fixed(ok(b"early")), read_body=False) as server:
+            await test(server)
 
     asyncio.run(main())
