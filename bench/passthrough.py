@@ -6,7 +6,8 @@ chosen by PASSTHROUGH_ENGINE:
 
 - `httpx`: one pooled `httpx.AsyncClient` (httpcore, h11);
 - `httpx-aiohttp`: httpx over the `httpx-aiohttp` package's transport;
-- `upstream`: the gateway's `Upstream.send` itself (aiohttp with the gateway's header hygiene);
+- `upstream`: the gateway's `Upstream.send` itself (its HTTP/1.1 pool over httptools, with the
+  gateway's header hygiene);
 - `aiohttp`: one `aiohttp.ClientSession`, used directly;
 - `constant`: no upstream at all, the stub's answer as a constant: the floor of Starlette itself.
 
