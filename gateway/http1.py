@@ -254,6 +254,7 @@ class _Connection(asyncio.Protocol):
         self.response, self.lent = response, True
         self.last_read = self.loop.time()
         self.pool.watch_reads()
+        # request bodies are bounded (`listen.max_body_bytes`): the transport buffers one whole
         self.transport.write(head + body if len(body) < 65536 else b"".join((head, body)))
 
     def close(self) -> None:
@@ -291,12 +292,6 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._shut()
-
-    def pause_writing(self) -> None:  # request bodies are bounded: the transport buffers them
-        pass
-
-    def resume_writing(self) -> None:
-        pass
 
     # -- the parser's callbacks ----------------------------------------------------------------
 

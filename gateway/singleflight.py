@@ -28,7 +28,9 @@ class Flight:
         self._answer: Reply | None = None
 
     def publish(self, reply: Reply | None) -> None:
-        """Hand the answer (None: there is none) to every follower, each its own copy."""
+        """Hand the answer (None: there is none) to every follower, each its own copy. The
+        leader changes `reply` only after it has left `lead` (a follower that comes before then
+        copies it as published)."""
         if self._published:
             return
         self._published, self._answer = True, reply
