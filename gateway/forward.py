@@ -48,7 +48,8 @@ class Streamed:
     status: int
     headers: Headers
     tail: bytes  # the last bytes of the stream, or the whole non-2xx answer
-    recorded: bytes | None  # the whole stream, for an Idempotency-Key (None: too large)
+    recorded: bytes | None  # the whole stream, for an Idempotency-Key (None: too large, or
+    # not asked for)
     client_gone: bool = False
 
 
@@ -97,8 +98,9 @@ async def fetch(rt: Runtime, req: ParsedRequest, seen: Upstreamed, *,
 async def relay(rt: Runtime, req: ParsedRequest, seen: Upstreamed, receive: Receive,
                 send: Callable[[Message], Awaitable[None]], start: Callable[[Reply], Headers], *,
                 passage: Passage, record_limit: int) -> Streamed:
-    """Relay a 2xx event stream to the client as it comes; `start` decorates its head. Raises
-    `UpstreamUnavailable` when no answer began in time."""
+    """Relay a 2xx event stream to the client as it comes; `start` decorates its head, and up to
+    `record_limit` bytes of it are kept (0: none). Raises `UpstreamUnavailable` when no answer
+    began in time."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + req.deadline_s
     try:
@@ -117,7 +119,7 @@ async def relay(rt: Runtime, req: ParsedRequest, seen: Upstreamed, receive: Rece
     await send({"type": "http.response.start", "status": response.status_code,
                 "headers": start(Reply(response.status_code, list(headers)))})
     gone = asyncio.ensure_future(wait_disconnect(receive))
-    chunks: list[bytes] | None = []
+    chunks: list[bytes] | None = [] if record_limit > 0 else None
     recorded = tail = 0
     tail_chunks: list[bytes] = []
     complete = False

@@ -254,12 +254,17 @@ class Proxy:
             ex.status, ex.streaming = head.status, True
             return self._decorate(head, ex).headers
 
+        # A stream is kept whole only to replay it for its Idempotency-Key (`decide` caches
+        # whole answers alone): else each held stream would keep up to max_entry_bytes of it.
+        # Not kept, its tail stands for it at its end (the trace reads the usage there; nothing
+        # remembers it).
+        idempotent = req.billing.idempotent
         streamed: forward.Streamed | None = None
         try:
             streamed = await forward.relay(
                 self.rt, req, seen, receive, send, start,
                 passage=fairness.Passage(self.rt, req, result, store),
-                record_limit=self.rt.policy.config.cache.max_entry_bytes)
+                record_limit=self.rt.policy.config.cache.max_entry_bytes if idempotent else 0)
         finally:
             if streamed is None:
                 await self._conclude(req, store, ex, End.NO_ANSWER, None, None)
@@ -271,11 +276,12 @@ class Proxy:
             return reply
         if streamed.end is End.CUT:
             ex.status = 499 if streamed.client_gone else 502
-        remembered = None
+        kept = None
         if streamed.end is End.STREAM:
-            remembered = (Reply(streamed.status, streamed.headers, streamed.recorded)
-                          if streamed.recorded is not None else _too_large_to_replay())
-        await self._conclude(req, store, ex, streamed.end, remembered, read_answer(
+            body = streamed.recorded if idempotent else streamed.tail
+            kept = (Reply(streamed.status, streamed.headers, body) if body is not None
+                    else _too_large_to_replay())
+        await self._conclude(req, store, ex, streamed.end, kept, read_answer(
             streamed.status, cache_control, streamed.tail, stream=True))
         return None
 

@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 import time
+import tracemalloc
 from typing import Any
 
 import httpx
@@ -130,6 +131,64 @@ def test_stream_is_charged_what_the_upstream_reports(gateway: RunningGateway) ->
     assert response.headers["x-cache"] == "BYPASS"
     ledger = wait_ledger(gateway, 1)
     assert ledger[0]["credits"] == 3 and ledger[0]["reserved"] == 2
+
+
+def _long_stream(events: int, size: int) -> Any:
+    """An upstream whose chat completion is a stream of `events` events of `size` bytes, then
+    the final event with `credits_consumed`."""
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        event = b"data: " + json.dumps({"delta": "x" * size}).encode() + b"\n\n"
+        for _ in range(1 if b"warm" in body else events):
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "more_body": False,
+                    "body": b'data: {"credits_consumed": 3}\n\ndata: [DONE]\n\n'})
+
+    return app
+
+
+@pytest.mark.parametrize("idempotent", [False, True])
+def test_a_stream_is_kept_only_to_replay_it(make_gateway: GatewayFactory,
+                                             idempotent: bool) -> None:
+    """A stream passes through without being kept, but for a request with an Idempotency-Key
+    (its replay): 3 MB relayed raise the gateway's traced memory at most by what its buffers
+    hold (the pool reads 256 KiB ahead, the transports buffer, the last 64 KB are kept for the
+    credits: about 1 MB here, whatever the stream's length); kept, by the whole stream (the
+    control: the measure sees it)."""
+    upstream = ServerThread(_long_stream(3000, 1000)).start()
+    try:
+        gateway = make_gateway(upstream_url=upstream.url + "/api/v1",
+                               cache={"max_entry_bytes": 8_000_000})
+        warm = {"model": "gemini", "stream": True, "messages": [{"role": "user", "content": "warm"}]}
+        assert gateway.call("POST", "chat/completions", json=warm).status_code == 200
+        body = {"model": "gemini", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        headers = {"Authorization": f"Bearer {KEYS['research']}"}
+        if idempotent:
+            headers["Idempotency-Key"] = "long-stream"
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            with gateway.client.stream("POST", "/api/v1/chat/completions", json=body,
+                                       headers=headers) as answer:
+                assert answer.status_code == 200
+                size = sum(len(chunk) for chunk in answer.iter_raw())
+            grew = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+        assert size > 3_000_000
+        assert (grew > 3_000_000) if idempotent else (grew < 1_500_000), grew
+        assert [entry["credits"] for entry in wait_ledger(gateway, 2)] == [3, 3]
+    finally:
+        upstream.stop()
 
 
 def wait_ledger(gateway: RunningGateway, n: int, team: str = "research") -> list[dict]:
