@@ -168,9 +168,12 @@ def test_a_stream_is_kept_only_to_replay_it(make_gateway: GatewayFactory,
     try:
         gateway = make_gateway(upstream_url=upstream.url + "/api/v1",
                                cache={"max_entry_bytes": 8_000_000})
-        warm = {"model": "gemini", "stream": True, "messages": [{"role": "user", "content": "warm"}]}
-        assert gateway.call("POST", "chat/completions", json=warm).status_code == 200
-        body = {"model": "gemini", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        def chat(content: str) -> dict[str, Any]:
+            return {"model": "gemini", "stream": True,
+                    "messages": [{"role": "user", "content": content}]}
+
+        assert gateway.call("POST", "chat/completions", json=chat("warm")).status_code == 200
+        body = chat("x")
         headers = {"Authorization": f"Bearer {KEYS['research']}"}
         if idempotent:
             headers["Idempotency-Key"] = "long-stream"
