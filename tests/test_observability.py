@@ -85,11 +85,9 @@ def rules() -> list[dict[str, Any]]:
 def declared_metrics() -> dict[str, set[str]]:
     """Series name -> label names, for every metric gateway/metrics.py declares."""
     names: dict[str, set[str]] = {}
-    for collector in vars(Metrics()).values():
-        if not hasattr(collector, "describe"):
-            continue
-        labels = set(collector._labelnames)
-        for family in collector.describe():
+    for declared in Metrics()._families:
+        labels = set(declared.labelnames)
+        for family in declared.describe():
             if family.type == "counter":
                 names[f"{family.name}_total"] = labels
             elif family.type == "histogram":
