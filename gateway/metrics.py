@@ -47,7 +47,13 @@ BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
            1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 OPENMETRICS_TYPE = om.CONTENT_TYPE_LATEST
-_LE = [floatToGoString(b) for b in (*BUCKETS, math.inf)]  # type: ignore[no-untyped-call]
+_LE = [floatToGoString(b) for b in (*BUCKETS, math.inf)]  # type: ignore[no-untyped-call]  # as the exposition writes them
+
+
+def _bucket(amount: float) -> int:
+    """The index of the bucket an observation counts in (`_LE[i]` its bound): the first bound
+    at or above it, `le` being inclusive."""
+    return bisect_left(BUCKETS, amount)
 
 
 class Counted:
@@ -94,7 +100,7 @@ class Observed:
         self.exemplars: dict[int, Exemplar] = {}
 
     def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
-        i = bisect_left(BUCKETS, amount)  # the first bound >= amount: `le` is inclusive
+        i = _bucket(amount)
         self.counts[i] += 1
         self.sum += amount
         if exemplar:
@@ -196,9 +202,7 @@ class _Remembering:
     def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
         self._child.observe(amount)
         if exemplar:
-            le = next((b for b in BUCKETS if amount <= b), math.inf)
-            bucket = floatToGoString(le)  # type: ignore[no-untyped-call]  # as the exposition writes it
-            self._exemplars[(*self._key, bucket)] = Exemplar(
+            self._exemplars[(*self._key, _LE[_bucket(amount)])] = Exemplar(
                 exemplar, amount, time.time())
 
 

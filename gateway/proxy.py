@@ -55,6 +55,7 @@ from .settlement import (
     Kind,
     decide,
     read_answer,
+    records_stream,
     written_first,
 )
 from .store import Store, StoreError
@@ -254,17 +255,15 @@ class Proxy:
             ex.status, ex.streaming = head.status, True
             return self._decorate(head, ex).headers
 
-        # A stream is kept whole only to replay it for its Idempotency-Key (`decide` caches
-        # whole answers alone): else each held stream would keep up to max_entry_bytes of it.
-        # Not kept, its tail stands for it at its end (the trace reads the usage there; nothing
-        # remembers it).
-        idempotent = req.billing.idempotent
+        # not recorded, a stream's tail stands for it at its end (nothing remembers it; the
+        # trace reads the usage there)
+        recorded = records_stream(req.billing)
         streamed: forward.Streamed | None = None
         try:
             streamed = await forward.relay(
                 self.rt, req, seen, receive, send, start,
                 passage=fairness.Passage(self.rt, req, result, store),
-                record_limit=self.rt.policy.config.cache.max_entry_bytes if idempotent else 0)
+                record_limit=self.rt.policy.config.cache.max_entry_bytes if recorded else 0)
         finally:
             if streamed is None:
                 await self._conclude(req, store, ex, End.NO_ANSWER, None, None)
@@ -278,7 +277,7 @@ class Proxy:
             ex.status = 499 if streamed.client_gone else 502
         kept = None
         if streamed.end is End.STREAM:
-            body = streamed.recorded if idempotent else streamed.tail
+            body = streamed.recorded if recorded else streamed.tail
             kept = (Reply(streamed.status, streamed.headers, body) if body is not None
                     else _too_large_to_replay())
         await self._conclude(req, store, ex, streamed.end, kept, read_answer(

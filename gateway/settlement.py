@@ -174,6 +174,13 @@ def written_first(req: Billing, decision: Decision) -> bool:
     return req.idempotent or decision.owner is not None or decision.charge is Charge.REFUND
 
 
+def records_stream(req: Billing) -> bool:
+    """Whether a stream is kept whole as it passes, for its end: only when `decide` may remember
+    it, for an Idempotency-Key (it caches no stream: `_cache_ttl` takes whole answers alone).
+    Any other stream keeps its tail, where its credits and usage are."""
+    return req.idempotent
+
+
 def reconcile(reservation_id: str, *, owner_alive: bool, poll: Answer | None) -> Decision | None:
     """What the reconciler does with a reservation past its deadline; None: leave it for now.
 
