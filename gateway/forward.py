@@ -22,6 +22,7 @@ from .request import ParsedRequest, upstream_headers
 from .runtime import Runtime
 from .settlement import End
 from .store import StoreError
+from .sweep import Deadline
 from .tracing import upstream_call
 from .upstream import response_headers, unavailable
 
@@ -53,41 +54,13 @@ class Streamed:
     client_gone: bool = False
 
 
-class _Deadline:
-    """`asyncio.timeout(delay_s)` on a loop known in advance, for the hot path: asyncio's own
-    asks for the running loop three times, each a getpid system call on Python 3.11. The same
-    semantics: when it expires the task is cancelled, and that cancellation leaves the block
-    as `TimeoutError` (one that came from elsewhere too stays a cancellation)."""
-
-    __slots__ = ("_cancelling", "_expired", "_handle", "_task")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, delay_s: float) -> None:
-        task = asyncio.current_task(loop)
-        assert task is not None, "a deadline is for a task"
-        self._task, self._cancelling, self._expired = task, task.cancelling(), False
-        self._handle = loop.call_at(loop.time() + delay_s, self._expire)
-
-    def _expire(self) -> None:
-        self._expired = True
-        self._task.cancel()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: object) -> None:
-        self._handle.cancel()
-        if (self._expired and self._task.uncancel() <= self._cancelling
-                and kind is asyncio.CancelledError):
-            raise TimeoutError from exc
-
-
 @upstream_call
 async def fetch(rt: Runtime, req: ParsedRequest, seen: Upstreamed, *,
                 passage: Passage) -> Reply:
     """The upstream's whole answer; raises `UpstreamUnavailable` when none came in time."""
     try:
-        with _Deadline(rt.loop or asyncio.get_running_loop(), req.deadline_s):
+        loop = rt.loop or asyncio.get_running_loop()
+        with Deadline(loop, loop.time() + req.deadline_s):
             response = await _send(rt, req, seen, passage, stream=False)
             return Reply(response.status_code, answer_headers(response), response.content)
     except TimeoutError:
@@ -104,7 +77,7 @@ async def relay(rt: Runtime, req: ParsedRequest, seen: Upstreamed, receive: Rece
     loop = asyncio.get_running_loop()
     deadline = loop.time() + req.deadline_s
     try:
-        async with asyncio.timeout_at(deadline):
+        with Deadline(loop, deadline):
             response = await _send(rt, req, seen, passage, stream=True)
             if not 200 <= response.status_code < 300:
                 try:
@@ -124,10 +97,10 @@ async def relay(rt: Runtime, req: ParsedRequest, seen: Upstreamed, receive: Rece
     tail_chunks: list[bytes] = []
     complete = False
     try:
-        async with asyncio.timeout_at(deadline) as scope:
+        with Deadline(loop, deadline) as scope:
             # a client that leaves ends the relay at once, even while the upstream is silent
             def expire(_: object) -> None:
-                scope.reschedule(loop.time())
+                scope.expire()
 
             gone.add_done_callback(expire)
             try:

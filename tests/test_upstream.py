@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from gateway import config as cfg
 from gateway import http1
-from gateway.forward import _Deadline
+from gateway.sweep import Deadline, Sweep
 from gateway.upstream import Upstream, response_headers
 
 from .conftest import KEYS, UPSTREAM_KEY, GatewayFactory, Mock, ServerThread
@@ -274,43 +274,84 @@ def test_default_engine_verifies_tls_with_certifi() -> None:
     asyncio.run(upstream.aclose())
 
 
-# -- the overall deadline (forward._Deadline) ------------------------------------------------
+# -- the overall deadline (sweep.Deadline) ----------------------------------------------------
 
 
 def test_the_deadline_ends_the_call_as_a_timeout() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        with pytest.raises(TimeoutError), _Deadline(loop, 0.01):
+        with pytest.raises(TimeoutError), Deadline(loop, loop.time() + 0.01):
             await asyncio.Event().wait()
-        with _Deadline(loop, 60):  # met: nothing happens, and nothing is left scheduled
+        with Deadline(loop, loop.time() + 60):  # met: nothing happens, and nothing is left
             await asyncio.sleep(0)
         task = asyncio.current_task()
         assert task is not None and task.cancelling() == 0
+        assert not sweep_of(loop)._due
 
     asyncio.run(main())
+
+
+def sweep_of(loop: asyncio.AbstractEventLoop) -> Sweep:
+    from gateway.sweep import _DEADLINES
+
+    return _DEADLINES[loop]
 
 
 def test_a_cancellation_from_elsewhere_stays_one() -> None:
     """The caller's own cancellation during the deadline is not turned into a timeout, even
     when the deadline expired in the same turn."""
+    scopes: list[Deadline] = []
 
-    async def inner(started: asyncio.Event) -> None:
-        with _Deadline(asyncio.get_running_loop(), 60):
-            started.set()
-            await asyncio.Event().wait()
-
-    async def both(started: asyncio.Event) -> None:
-        with _Deadline(asyncio.get_running_loop(), 0):
+    async def body(started: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        with Deadline(loop, loop.time() + 60) as scope:
+            scopes.append(scope)
             started.set()
             await asyncio.Event().wait()
 
     async def main() -> None:
-        for body in (inner, both):
+        for expired in (False, True):
             started = asyncio.Event()
             task = asyncio.create_task(body(started))
             await started.wait()
+            if expired:
+                scopes[-1].expire()
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+
+    asyncio.run(main())
+
+
+def test_a_sweep_calls_what_is_due_once_and_stops_its_timer() -> None:
+    """Items are called once their time has passed (one may stop another meanwhile), never
+    after being stopped, and no timer is left once nothing waits."""
+
+    class Item:
+        def __init__(self, sweep: Sweep, stops: list[Item] | None = None) -> None:
+            self.sweep, self.stops, self.calls = sweep, stops or [], 0
+
+        def overdue(self) -> None:
+            self.calls += 1
+            for other in self.stops:
+                self.sweep.stop(other)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        sweep = Sweep(loop, 0.01)
+        late, stopped, later = Item(sweep), Item(sweep), Item(sweep)
+        first = Item(sweep, stops=[late])
+        sweep.wait(first, loop.time())
+        sweep.wait(late, loop.time())
+        sweep.wait(stopped, loop.time())
+        sweep.wait(later, loop.time() + 0.2)
+        sweep.stop(stopped)
+        while not later.calls:
+            await asyncio.sleep(0.01)
+        assert (first.calls, late.calls, stopped.calls, later.calls) == (1, 0, 0, 1)
+        assert loop.time() >= started + 0.2
+        await asyncio.sleep(0.03)
+        assert sweep._timer is None and not sweep._due
 
     asyncio.run(main())
