@@ -3,9 +3,11 @@
 -- so a refused request never holds a lock, a reservation or a pacing slot.
 --
 -- KEYS  1 revoked set   2 quota hash    3 idempotency hash   4 task owner   5 cache entry
---       6 flight lock   7 budget hash   8 reservations hash  9 upstream schedule (lib_slots)
---      10 tombstone of this ticket (see cancel.lua)             11 ledger stream
---      12 slot queue   13 slot deadlines   14 slot waiters   15 slot minimums queue
+--       6 flight lock   7 budget hash   8 reservations hash
+--       9 tombstone of this ticket (see cancel.lua)   10 ledger stream
+--      and, as `admit_paced` (with lib_slots.lua, for a request that takes an upstream slot):
+--      11 upstream schedule   12 slot queue   13 slot deadlines   14 slot waiters
+--      15 slot minimums queue
 -- ARGV  1 payload   2 a hit already found in another hash slot ('' = none; Redis Cluster)
 --       3 the reservation's ledger context   4 the ledger context of a hit (blobs, not JSON:
 --       inside the payload they would be escaped, and slower to decode)
@@ -69,7 +71,7 @@ if nq > 0 then
   end
 end
 
-if redis.call('EXISTS', KEYS[10]) == 1 then
+if redis.call('EXISTS', KEYS[9]) == 1 then
   return reply(CANCELLED, 0, 0, nil, nil, nil, 0, states)
 end
 if redis.call('SISMEMBER', KEYS[1], p.key) == 1 then
@@ -128,7 +130,7 @@ local function served(entry, ttl)
   end
   if p.hit_event then
     local meta = cjson.decode(string.match(entry, '^[^\n]*'))
-    record(KEYS[11], p.ledger, event(ARGV[4],
+    record(KEYS[10], p.ledger, event(ARGV[4],
       ',"kind":"charge","credits":0,"cached":true,"saved":' .. string.format('%d', meta.c or 0)))
   end
   return reply(HIT, 0, 0, nil, nil, entry, ttl, states)
@@ -172,7 +174,7 @@ end
 
 local slot, verdict, delay = nil, ADMIT, 0
 if p.slot then
-  local S = {sched = KEYS[9], queue = KEYS[12], due = KEYS[13], waiters = KEYS[14],
+  local S = {sched = KEYS[11], queue = KEYS[12], due = KEYS[13], waiters = KEYS[14],
              minq = KEYS[15]}
   slot = decide_slot(S, ticket, p.team, p.slot, task_account or nil)
   if slot.verdict ~= SLOT_ADMIT and slot.verdict ~= SLOT_QUEUED then
