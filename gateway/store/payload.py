@@ -37,8 +37,10 @@ def _pack(fields: dict[str, Any]) -> bytes:
     return orjson.dumps({k: v for k, v in fields.items() if v is not None})
 
 
-def _ledger(trim: Any) -> dict[str, int]:
-    return {"min_ms": trim.min_ms, "max_len": trim.max_len}
+def _ledger(trim: Any) -> dict[str, str]:
+    """As XTRIM and XADD take them: text, which Lua passes on as it is (a number would be
+    parsed from the JSON and formatted again, both through the C library)."""
+    return {"min_id": f"{trim.min_ms}-0", "max_len": str(trim.max_len)}
 
 
 def accounts(paces: Sequence[AccountPace]) -> list[list[Any]]:

@@ -16,7 +16,7 @@
 --   cache (look up KEYS[5], coalesce on KEYS[6]), served_ttl_ms (ARGV[2]'s ttl),
 --   resv {id, period, amount, key} (its context: ARGV[3]), budget / key_budget (limits,
 --   millicredits), slot (an upstream slot to take, see lib_slots.lua), hit_event (record a hit
---   with ARGV[4]), ledger {min_ms, max_len}
+--   with ARGV[4]), ledger {min_id, max_len}
 -- Returns {verdict, now ms, retry ms, slot wait ms, budget used or -1, key budget used or -1,
 --          entry or false, entry ttl ms, account granted or false, probe 0/1,
 --          task's account or false, then (remaining, reset ms) per quota}

@@ -10,7 +10,7 @@
 --   (millicredits; absent = as reserved), hold_id, hold_ms, cache_ttl_ms (store ARGV[2]),
 --   release (the flight lock), idem ('done' | 'drop'), idem_ttl_ms, owner_ttl_ms (KEYS[7]),
 --   task_account (kept in KEYS[7]: the account the task's polls go through),
---   event (a ledger event without reservation), guard_ms, ledger {min_ms, max_len},
+--   event (a ledger event without reservation), guard_ms, ledger {min_id, max_len},
 --   direct {period, amount, key, context}: the reservation, made while this store was away
 --   (`store.on_error: open`), settled here as if it had been held, once per ticket (KEYS[8])
 -- Returns {settled 1/0, spent, reserved, charged} for the reservation's period.
@@ -38,20 +38,25 @@ if p.settle then
     direct = true
   end
   if period then
+    local now_spent, now_reserved  -- both counters as this call left them, when it wrote both
     if p.settle == 'hold' then
       redis.call('HSET', KEYS[1], p.hold_id,
                  reservation(now + p.hold_ms, period, amount, key, context))
       if direct then unreserve(KEYS[2], period, -amount, key) end
     else
       if p.settle == 'charge' then charged = charge or amount end
-      if not direct then unreserve(KEYS[2], period, amount, key) end
-      spend(KEYS[2], period, charged, key)
+      if not direct then now_reserved = unreserve(KEYS[2], period, amount, key) end
+      now_spent = spend(KEYS[2], period, charged, key)
       record(KEYS[3], p.ledger, event(context, string.format(
         ',"kind":"%s","credits":%d,"reserved":%d,"period":"%s","cached":false',
         p.settle, charged, amount, period)))
     end
-    local budget = redis.call('HMGET', KEYS[2], 'spent:' .. period, 'reserved:' .. period)
-    settled, spent, reserved = 1, tonumber(budget[1]) or 0, tonumber(budget[2]) or 0
+    if now_spent and now_reserved then
+      settled, spent, reserved = 1, now_spent, now_reserved
+    else
+      local budget = redis.call('HMGET', KEYS[2], 'spent:' .. period, 'reserved:' .. period)
+      settled, spent, reserved = 1, tonumber(budget[1]) or 0, tonumber(budget[2]) or 0
+    end
   end
 end
 

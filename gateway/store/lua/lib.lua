@@ -21,17 +21,21 @@ local function take_reservation(hash, id)
 end
 
 -- Move `amount` out of (or, negative, into) a period's `reserved`, for the team and, when
--- `key` is set ("<key id>/<its own period>"), for the key's own budget.
+-- `key` is set ("<key id>/<its own period>"), for the key's own budget. Returns the team's
+-- `reserved` after it, or nil for an amount of 0 (nothing written).
 local function unreserve(hash, period, amount, key)
-  if amount == 0 then return end
-  redis.call('HINCRBY', hash, 'reserved:' .. period, -amount)
+  if amount == 0 then return nil end
+  local left = redis.call('HINCRBY', hash, 'reserved:' .. period, -amount)
   if key ~= '' then redis.call('HINCRBY', hash, 'k:' .. key .. ':reserved', -amount) end
+  return left
 end
 
+-- Add `amount` to a period's `spent`; returns the team's `spent` after it, or nil for 0.
 local function spend(hash, period, amount, key)
-  if amount == 0 then return end
-  redis.call('HINCRBY', hash, 'spent:' .. period, amount)
+  if amount == 0 then return nil end
+  local total = redis.call('HINCRBY', hash, 'spent:' .. period, amount)
   if key ~= '' then redis.call('HINCRBY', hash, 'k:' .. key .. ':spent', amount) end
+  return total
 end
 
 -- A ledger event: the reservation's JSON context (an object) with the outcome's fields added.
@@ -39,8 +43,9 @@ local function event(context, fields)
   return string.sub(context, 1, -2) .. fields .. '}'
 end
 
--- Append to a ledger stream, kept within its retention and its length.
+-- Append to a ledger stream, kept within its retention and its length (`ledger`: {min_id,
+-- max_len}, as text).
 local function record(key, ledger, entry)
   redis.call('XADD', key, 'MAXLEN', ledger.max_len, '*', 'e', entry)
-  redis.call('XTRIM', key, 'MINID', ledger.min_ms .. '-0')
+  redis.call('XTRIM', key, 'MINID', ledger.min_id)
 end
