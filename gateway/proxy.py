@@ -539,7 +539,10 @@ def _answer_of(reply: Reply) -> Answer:
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    return next((v for k, v in headers if k == name), None)
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
 
 
 def _cached_event(req: ParsedRequest, saved: int) -> bytes:

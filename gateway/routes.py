@@ -16,7 +16,8 @@ ASYNC_ENDPOINTS = frozenset({
 ENDPOINTS = frozenset({CHAT, *ASYNC_ENDPOINTS})
 ROUTES = (*sorted(ENDPOINTS), TASKS, "other")
 
-_SEGMENT = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*")
+_SEGMENT = r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*"  # a segment never starts with a dot
+_SAFE_PATH = re.compile(f"{_SEGMENT}(?:/{_SEGMENT})*")
 _TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
@@ -31,7 +32,7 @@ def route_of(path: str) -> str:
 
 def is_safe_path(path: str) -> bool:
     """Plain segments only: no empty, dot or dot-dot segments, no encoded tricks."""
-    return bool(path) and all(_SEGMENT.fullmatch(s) for s in path.split("/"))
+    return _SAFE_PATH.fullmatch(path) is not None
 
 
 def task_id_of(path: str) -> str | None:
