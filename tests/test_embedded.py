@@ -500,7 +500,25 @@ JSON = [b"{}", b"[]", b'{"a":1}', b"[1,2,3]",
         b'{"team":"t","key_id":"k","model":"m","route":"chat/completions","request_id":"r",'
         b'"cached":false,"credits":12,"reserved":10,"period":"m2026-11","n":[1,2,3]}',
         b'{"a":"' + b"x" * 300 + b'","dup":1,"dup":2}', b"[1.5e-310, 2e308, -2e308]",
-        b'"tab\there"', b'{"\\u0000":"\\u0000"}']
+        b'"tab\there"', b'{"\\u0000":"\\u0000"}', b"-0", b"[1,-0]", b'{"a": -0 }', b"[\n-0]",
+        b"[-0e1, -0.0, -0.5]", b'{"min_id":"1788016005737-0","n":[-0]}']
+
+
+def test_a_stream_id_in_a_string_keeps_cjson_on_orjson(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a number -0 needs lua-cjson's own parser (orjson reads it as 0): the ledger's trim
+    bound ("<ms>-0", in every payload) must not send each script's payload to it (62 us
+    against 5 on a payload of ours)."""
+    from gateway.store.embedded import cjson
+
+    def refused(*args: Any) -> Any:
+        raise AssertionError("the slow parser")
+
+    null = object()
+    assert cjson.decode(b'{"a":[-0]}', null) == {b"a": [-0.0]}
+    monkeypatch.setattr(cjson, "_Parser", refused)
+    doc = b'{"ledger":{"min_id":"1788016005737-0","max_len":"10"},"n":[-0.5,-0e1]}'
+    assert cjson.decode(doc, null) == {b"ledger": {b"min_id": b"1788016005737-0",
+                                                   b"max_len": b"10"}, b"n": [-0.5, -0.0]}
 
 
 @pytest.mark.parametrize("doc", JSON, ids=range(len(JSON)))

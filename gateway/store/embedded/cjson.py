@@ -1,8 +1,9 @@
 """cjson.decode as lua-cjson 2.1 decodes in Redis 7.0 (defaults: invalid numbers such as `nan`,
 `inf`, hex and a leading `+` accepted, 1000 levels deep, the text ends at a NUL byte).
 
-Valid JSON goes through orjson; anything orjson refuses (or might read differently: `-0`, depth,
-surrogates) goes through `_Parser`, a port of lua-cjson's parser that fails with its messages.
+Valid JSON goes through orjson; anything orjson refuses (or might read differently: a number
+`-0`, depth, surrogates) goes through `_Parser`, a port of lua-cjson's parser that fails with its
+messages.
 """
 
 from __future__ import annotations
@@ -21,9 +22,23 @@ class DecodeError(Exception):
     """lua-cjson's message, without the position of the caller (added by the caller)."""
 
 
+_ZERO = re.compile(rb"-0(?![.eE0-9])")
+_BEFORE_A_NUMBER = frozenset(b"[,: \t\n\r\f\v")
+
+
+def _negative_zero(data: bytes) -> bool:
+    """Whether the text may hold a number -0 (orjson reads it as the integer 0, lua-cjson as
+    the float -0); not for a "-0" inside a word such as a stream id ("1788016005737-0")."""
+    for match in _ZERO.finditer(data):
+        start = match.start()
+        if not start or data[start - 1] in _BEFORE_A_NUMBER:
+            return True
+    return False
+
+
 def decode(data: bytes, null: object) -> Any:
     """The decoded document: dicts (bytes keys), lists, bytes, floats, bools, `null`."""
-    if b"-0" not in data:
+    if b"-0" not in data or not _negative_zero(data):
         try:
             return _plain(orjson.loads(data), null)
         except (orjson.JSONDecodeError, UnicodeEncodeError, _TooDeep):
