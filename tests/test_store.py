@@ -90,6 +90,20 @@ def test_each_script_that_uses_the_slot_library_is_loaded_with_it() -> None:
     assert scripts.source("admit").endswith(admit) and scripts.source("admit_paced").endswith(admit)
 
 
+def test_each_script_that_works_on_the_clock_reads_it() -> None:
+    """TIME is read on first use (`clock()` in lib.lua): a script that uses `now` without
+    `local now = clock()` in its source would fail at run time, on its first call."""
+    lua = Path(scripts.__file__).parent / "lua"
+    for name in scripts.SCRIPTS:
+        code = re.sub(r"--[^\n]*", "", (lua / f"{scripts._FILES.get(name, name)}.lua").read_text())
+        source = re.sub(r"--[^\n]*", "", scripts.source(name))
+        if re.search(r"\bnow\b", code):
+            defined = source.find("local now = clock()")
+            assert 0 <= defined < re.search(r"\bnow\b(?! = clock)", source).start(), name
+    assert "redis.call('TIME')" not in re.sub(r"function clock\(\).*?\nend", "",
+                                               scripts.source("finish"), flags=re.S)
+
+
 # -- GCRA maths (pure) -----------------------------------------------------------------------
 
 

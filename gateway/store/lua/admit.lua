@@ -21,6 +21,7 @@
 --          entry or false, entry ttl ms, account granted or false, probe 0/1,
 --          task's account or false, then (remaining, reset ms) per quota}
 
+local now = clock()
 local ADMIT, HIT, FOLLOW, REPLAY, QUOTA, BUDGET, NOT_FOUND, REVOKED, IDEM_BUSY, IDEM_MISMATCH,
       CANCELLED, KEY_BUDGET = 0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12
 

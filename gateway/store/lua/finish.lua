@@ -41,7 +41,7 @@ if p.settle then
     local now_spent, now_reserved  -- both counters as this call left them, when it wrote both
     if p.settle == 'hold' then
       redis.call('HSET', KEYS[1], p.hold_id,
-                 reservation(now + p.hold_ms, period, amount, key, context))
+                 reservation(clock() + p.hold_ms, period, amount, key, context))
       if direct then unreserve(KEYS[2], period, -amount, key) end
     else
       if p.settle == 'charge' then charged = charge or amount end

@@ -4,6 +4,7 @@
 -- KEYS  1 hooks hash   2 due sorted set   3 bodies hash (id -> final task body)
 -- payload: owner, lease_ms, limit
 -- Returns {now ms, then (record, body or false) per hook claimed}
+local now = clock()
 local out = {now}
 local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, p.limit)
 for _, id in ipairs(ids) do

@@ -3,6 +3,7 @@
 -- KEYS  1 hooks hash   2 due sorted set   3 bodies hash   4 failed sorted set
 -- payload: id
 -- Returns 1 when the hook is due again, 0 when no failed hook has that id
+local now = clock()
 local raw = redis.call('HGET', KEYS[1], p.id)
 if not raw then return 0 end
 local h = cjson.decode(raw)

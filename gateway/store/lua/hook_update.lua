@@ -8,6 +8,7 @@
 --   still under this lease), 'retry' (a delivery failed: try again), 'delivered' (forget it),
 --   'failed' (give up: listed for operators, who may redeliver it)
 -- Returns 1 when applied, 0 when the lease is not this holder's (or the hook is gone)
+local now = clock()
 local raw = redis.call('HGET', KEYS[1], p.id)
 if not raw then return 0 end
 local h = cjson.decode(raw)

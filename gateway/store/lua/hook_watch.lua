@@ -3,6 +3,7 @@
 -- KEYS  1 hooks hash (id -> record)   2 due sorted set (id, due ms)
 -- payload: hook {id, team, task, url, sid}, delay_ms (the first poll)
 -- Returns 1 when recorded, 0 when that id was already there
+local now = clock()
 local h = p.hook
 if redis.call('HEXISTS', KEYS[1], h.id) == 1 then return 0 end
 h.state, h.created, h.started, h.failed = 'polling', now, 0, 0

@@ -2,8 +2,16 @@
 -- Every script takes one named payload, ARGV[1] (JSON, built in gateway/store/payload.py), and
 -- runs on the store's own clock.
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- The store's clock in epoch milliseconds: TIME, read on first use, so a call that never asks
+-- (most settlements) reads none. A script that works on it starts with `local now = clock()`.
+local clock_ms
+local function clock()
+  if not clock_ms then
+    local t = redis.call('TIME')
+    clock_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return clock_ms
+end
 local p = cjson.decode(ARGV[1])
 
 -- A reservation as the reservations hash keeps it: "deadline|period|amount|key|context".

@@ -26,6 +26,7 @@
 -- arriving, a waiter asking where it stands). Accounts given as {id, interval ms (0: unpaced),
 -- burst, per minute (0: unpaced), credits (millicredits, -1: none)}.
 
+local now = clock()
 local SCAN = 32  -- waiting requests looked at for each free slot
 local KEEP_GRANT_MS = 30000  -- a slot granted to a waiter that never claims it is dropped then
 local GRACE_MS = 2000  -- a waiter's place outlives its own deadline by this much

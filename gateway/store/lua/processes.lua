@@ -4,6 +4,7 @@
 -- KEYS  1 processes hash   2 config generation
 -- payload: process, generation (a heartbeat: omit both to only read), forget_ms
 -- Returns {config generation, then (process, generation, ms since it was last heard) each}
+local now = clock()
 if p.process then
   redis.call('HSET', KEYS[1], p.process, string.format('%d|%d', p.generation, now))
 end
