@@ -24,7 +24,6 @@ again, so the process would end with status 143. A gateway that finished its wor
 from __future__ import annotations
 
 import asyncio
-import weakref
 from types import FrameType
 from typing import Any
 
@@ -35,7 +34,7 @@ from uvicorn.supervisors import Multiprocess
 
 from .asgi import new_request_id
 from .errors import error_body
-from .sweep import Sweep
+from .sweep import Sweep, sweep_of
 
 APP = "gateway.app:create_app_from_env"
 
@@ -51,12 +50,6 @@ class Config(uvicorn.Config):
         self.head_timeout_s = head_timeout_s
 
 
-# each loop's connections waiting for a request head, and when it is due (sweep.py: a timer of
-# its own per connection would be held for as long as the connection is, a request's included)
-_WATCHES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Sweep] = (
-    weakref.WeakKeyDictionary())
-
-
 class HttpProtocol(HttpToolsProtocol):
     # One attribute of its own per connection: uvicorn's protocol sets 28, and an instance with
     # 30 (past CPython's limit for sharing its class's table of attribute names) gets a
@@ -67,17 +60,13 @@ class HttpProtocol(HttpToolsProtocol):
     def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         self.pipeline = _Pipeline()  # type: ignore[assignment]
-        # looked over 4 times per timeout (the shortest of the loop's servers): a head is cut
-        # within 1.25x of it
-        timeout_s = self._head_timeout_s
-        watch = _WATCHES.get(self.loop)
-        if watch is None:
-            watch = _WATCHES[self.loop] = Sweep(self.loop, timeout_s / 4)
-        watch.interval_s = min(watch.interval_s, timeout_s / 4)
 
     @property
     def _watch(self) -> Sweep:
-        return _WATCHES[self.loop]
+        """The loop's connections waiting for a request head (a timer of its own per connection
+        would be held as long as the connection is, a request's included), looked over 4 times
+        per timeout (the shortest of the loop's servers): a head is cut within 1.25x of it."""
+        return sweep_of(self.loop, "heads", self._head_timeout_s / 4)
 
     @property
     def _head_timeout_s(self) -> float:

@@ -46,8 +46,22 @@ class Sweep:
         self._timer = self._loop.call_later(self.interval_s, self._run) if self._due else None
 
 
-_DEADLINES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Sweep] = (
+_SWEEPS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Sweep]] = (
     weakref.WeakKeyDictionary())
+
+
+def sweep_of(loop: asyncio.AbstractEventLoop, purpose: str, interval_s: float) -> Sweep:
+    """The loop's sweep for `purpose` (made on first use), looking over its items at least
+    every `interval_s`: the shortest interval any of its users asked for."""
+    sweeps = _SWEEPS.get(loop)
+    if sweeps is None:
+        sweeps = _SWEEPS[loop] = {}
+    sweep = sweeps.get(purpose)
+    if sweep is None:
+        sweep = sweeps[purpose] = Sweep(loop, interval_s)
+    elif interval_s < sweep.interval_s:
+        sweep.interval_s = interval_s
+    return sweep
 
 
 class Deadline:
@@ -61,9 +75,7 @@ class Deadline:
         task = asyncio.current_task(loop)
         assert task is not None, "a deadline is for a task"
         self._task, self._cancelling, self._expired = task, task.cancelling(), False
-        sweep = _DEADLINES.get(loop)
-        if sweep is None:
-            sweep = _DEADLINES[loop] = Sweep(loop, DEADLINE_INTERVAL_S)
+        sweep = sweep_of(loop, "deadlines", DEADLINE_INTERVAL_S)
         self._sweep: Sweep | None = sweep
         sweep.wait(self, due)
 

@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from gateway import config as cfg
 from gateway import http1
-from gateway.sweep import Deadline, Sweep
+from gateway.sweep import DEADLINE_INTERVAL_S, Deadline, Sweep, sweep_of
 from gateway.upstream import Upstream, response_headers
 
 from .conftest import KEYS, UPSTREAM_KEY, GatewayFactory, Mock, ServerThread
@@ -286,15 +286,9 @@ def test_the_deadline_ends_the_call_as_a_timeout() -> None:
             await asyncio.sleep(0)
         task = asyncio.current_task()
         assert task is not None and task.cancelling() == 0
-        assert not sweep_of(loop)._due
+        assert not sweep_of(loop, "deadlines", DEADLINE_INTERVAL_S)._due
 
     asyncio.run(main())
-
-
-def sweep_of(loop: asyncio.AbstractEventLoop) -> Sweep:
-    from gateway.sweep import _DEADLINES
-
-    return _DEADLINES[loop]
 
 
 def test_a_cancellation_from_elsewhere_stays_one() -> None:
@@ -353,5 +347,10 @@ def test_a_sweep_calls_what_is_due_once_and_stops_its_timer() -> None:
         assert loop.time() >= started + 0.2
         await asyncio.sleep(0.03)
         assert sweep._timer is None and not sweep._due
+        # one sweep per loop and purpose, at the shortest interval any user asked for
+        shared = sweep_of(loop, "test", 1.0)
+        assert sweep_of(loop, "test", 0.5) is shared and shared.interval_s == 0.5
+        assert sweep_of(loop, "test", 2.0) is shared and shared.interval_s == 0.5
+        assert sweep_of(loop, "other", 2.0) is not shared
 
     asyncio.run(main())

@@ -100,11 +100,11 @@ class ScriptStore:
     # -- the request path ----------------------------------------------------------------------
 
     async def admit(self, a: Admission) -> AdmitResult:
-        name = "admit_paced" if a.slot else "admit"
-        raw = await self.engine.run(name, self._admit_keys(a), payload.admit(a))
-        return payload.parse_admit(a, raw)
+        return payload.parse_admit(a, await self.engine.run(*self._admit_call(a)))
 
-    def _admit_keys(self, a: Admission) -> list[str]:
+    def _admit_call(self, a: Admission) -> Call:
+        """`admit_paced` with the slot keys for a request that takes an upstream slot, else
+        `admit` without them."""
         k, team = self.keys, a.team
         fixed = self._fixed.get(team)
         if fixed is None:  # a team's own key names, made once (teams are few, and configured)
@@ -112,7 +112,7 @@ class ScriptStore:
         revoked, quota, idem, task, cache, flight, budget, resv, ledger = fixed
         if a.cache:
             cache, flight = k.cache(team, a.cache)
-        return [
+        keys = [
             revoked,
             quota,
             k.idempotency(team, a.idempotency[0]) if a.idempotency else idem,
@@ -123,8 +123,10 @@ class ScriptStore:
             resv,
             k.team(team, f"void:{a.ticket}"),
             ledger,
-            *(self._slot_keys() if a.slot else ()),
         ]
+        if a.slot:
+            return "admit_paced", keys + self._slot_keys(), payload.admit(a)
+        return "admit", keys, payload.admit(a)
 
     async def cancel(self, a: Admission) -> None:
         k, team = self.keys, a.team
