@@ -161,6 +161,9 @@ class Passage:
     """One request's way to the upstream: the account whose slot it holds (waited for when
     the store queued it), and another account's slot when one refuses its key."""
 
+    __slots__ = ("_account", "_admitted", "_expect_s", "_pinned", "_queued", "_req", "_rt",
+                 "_store", "_tried", "account", "probe")
+
     def __init__(self, rt: Runtime, req: ParsedRequest, result: AdmitResult,
                  store: Store) -> None:
         self._rt = rt
@@ -170,7 +173,7 @@ class Passage:
         self._queued = result.verdict is Verdict.QUEUED
         self._expect_s = result.wait_s
         self._admitted = time.monotonic()
-        self._tried: list[str] = []
+        self._tried: tuple[str, ...] = ()  # accounts that refused (rare: no list for each)
         # a task is polled through the account that created it: another key would not see it
         self._pinned = result.task_account is not None
         self.probe = result.probe  # the account is out of rotation: nothing else was left
@@ -220,7 +223,7 @@ class Passage:
         the rotation; returns the account of a new slot (waited for if queued), or None when
         no other account is left for this request."""
         await self._rt.health.refused(account, status)
-        self._tried.append(account)
+        self._tried += (account,)
         ask = self._ask
         if ask is None or self._pinned:
             return None
