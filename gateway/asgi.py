@@ -121,6 +121,47 @@ async def wait_disconnect(receive: Receive) -> None:
         pass
 
 
+DISCONNECT_EXTENSION = "gateway.disconnect"
+
+
+class DisconnectWatch:
+    """Calls `on_gone` once if the client disconnects before `stop()` (start it once the request
+    body has been read). A server with the ASGI extension `gateway.disconnect` (server.py) calls
+    it when the connection is lost; under another, a task waits on `receive` (the task, its
+    coroutines and futures: 1.3 KB more for each held stream, bench/SCALE.md)."""
+
+    __slots__ = ("_on_gone", "_receive", "_server", "_task", "gone")
+
+    def __init__(self, receive: Receive, on_gone: Callable[[], None]) -> None:
+        self.gone = False
+        self._on_gone, self._receive = on_gone, receive
+        self._task: asyncio.Future[None] | None = None
+        # uvicorn's `receive` is its request cycle's bound method, which keeps the scope
+        scope = getattr(getattr(receive, "__self__", None), "scope", None)
+        extensions = scope.get("extensions") if isinstance(scope, dict) else None
+        self._server: dict[str, Any] | None = (
+            extensions.get(DISCONNECT_EXTENSION) if extensions else None)
+        if self._server is None or not self._server["watch"](receive, self._went):
+            self._server = None
+            self._task = asyncio.ensure_future(wait_disconnect(receive))
+            self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Future[None]) -> None:
+        if not task.cancelled():
+            self._went()
+
+    def _went(self) -> None:
+        self.gone = True
+        self._on_gone()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server["unwatch"](self._receive)
+        elif self._task is not None:
+            self._task.remove_done_callback(self._ended)
+            self._task.cancel()
+
+
 def request_id_of(headers: Headers) -> str:
     """The client's X-Request-ID when it is sane (visible ASCII, up to 128), else a new one."""
     for name, value in headers:

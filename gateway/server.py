@@ -16,6 +16,10 @@ WebSockets are off (`ws="none"`): the gateway serves none, and uvicorn, with a W
 library installed, would otherwise take any `Upgrade: websocket` and refuse it with a bodiless
 403; the request is now an ordinary one (the hop-by-hop `Upgrade` is not forwarded).
 
+The ASGI extension `gateway.disconnect` (in every request's scope): the connection's loss is
+reported to the app that asked (asgi.DisconnectWatch, a stream's relay), where under another
+server a task must wait on `receive` for it.
+
 `Server`: on SIGTERM uvicorn stops accepting, lets in-flight requests finish (up to the grace
 period) and runs the app's shutdown, which settles their charges; it then raises the signal
 again, so the process would end with status 143. A gateway that finished its work exits 0.
@@ -24,6 +28,8 @@ again, so the process would end with status 143. A gateway that finished its wor
 from __future__ import annotations
 
 import asyncio
+import sys
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -32,13 +38,14 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
-from .asgi import new_request_id
+from .asgi import DISCONNECT_EXTENSION, new_request_id
 from .errors import error_body
 from .sweep import Sweep, sweep_of
 
 APP = "gateway.app:create_app_from_env"
 
 MAX_HEAD_BYTES = 32 * 1024
+_ADDRESSES: dict[Any, Any] = {}  # the addresses the servers listen on, each kept once
 HEAD_TIMEOUT_S = 10.0
 
 
@@ -75,12 +82,18 @@ class HttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_Coalesced(transport, self.loop))  # type: ignore[arg-type]
+        # one copy of the server's address, and of a client's host, for all their connections
+        # (uvicorn makes them anew for each: 0.2 KB of every held request)
+        self.server = _ADDRESSES.setdefault(self.server, self.server)
+        if self.client is not None:
+            self.client = (sys.intern(self.client[0]), self.client[1])
         _lean(self.flow._is_writable_event)
         self._await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._watch.stop(self)
         super().connection_lost(exc)
+        _disconnects.lost(self.transport)
 
     def on_response_complete(self) -> None:
         pipelined = bool(self.pipeline)  # its head has arrived already
@@ -105,6 +118,7 @@ class HttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
+        self.scope["extensions"] = _EXTENSIONS
 
     def on_headers_complete(self) -> None:
         self._watch.stop(self)
@@ -149,6 +163,37 @@ class HttpProtocol(HttpToolsProtocol):
         ]
         self.transport.write(b"".join(head))
         self.transport.close()
+
+
+class _Disconnects:
+    """The ASGI extension `gateway.disconnect` (asgi.DisconnectWatch): what to call when the
+    connection of a watched request is lost, kept by connection rather than by a task waiting
+    on each request's `receive`."""
+
+    def __init__(self) -> None:
+        self._watching: dict[Any, Callable[[], None]] = {}  # by the connection's transport
+
+    def watch(self, receive: Any, callback: Callable[[], None]) -> bool:
+        """False when the client has gone already (its `receive` answers at once)."""
+        transport = receive.__self__.transport  # uvicorn's request cycle's
+        if transport.is_closing():
+            return False
+        self._watching[transport] = callback
+        return True
+
+    def unwatch(self, receive: Any) -> None:
+        self._watching.pop(receive.__self__.transport, None)
+
+    def lost(self, transport: Any) -> None:
+        callback = self._watching.pop(transport, None)
+        if callback is not None:
+            callback()
+
+
+_disconnects = _Disconnects()
+# every scope shares it (apps read extensions, never change them)
+_EXTENSIONS: dict[str, dict[object, object]] = {
+    DISCONNECT_EXTENSION: {"watch": _disconnects.watch, "unwatch": _disconnects.unwatch}}
 
 
 # uvicorn keeps three deques for every connection (the pipeline, and the waiters of two

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from uvicorn.server import ServerState
 
 from gateway import inbound
+from gateway.asgi import DisconnectWatch
 from gateway.server import Config, HttpProtocol
 
 from .conftest import (
@@ -389,6 +390,50 @@ def test_a_connection_keeps_to_its_class_attribute_table() -> None:
     names, kinds = asyncio.run(main())
     assert "url" in names and len(names) < 30, names
     assert all(issubclass(kind, list) for kind in kinds), kinds
+
+
+@pytest.mark.parametrize("server", ["gateway", "other"])
+def test_a_watch_sees_the_client_leave(server: str) -> None:
+    """A stream's relay learns that its client left without reading `receive`: under the
+    gateway's server from the server itself (no task: the extension `gateway.disconnect`),
+    under another server from a task that waits on `receive`. Stopped, it calls nothing."""
+    gone = asyncio.Event()
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()  # the body
+        if server == "other":  # a server without the extension: the scope has none
+            cycle_receive = receive
+
+            async def receive() -> Any:
+                return await cycle_receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        stopped = DisconnectWatch(receive, lambda: seen.setdefault("stopped", True))
+        stopped.stop()
+        await asyncio.sleep(0)  # a cancelled task ends at the loop's next turn
+        tasks = len(asyncio.all_tasks())
+        watch = DisconnectWatch(receive, gone.set)
+        seen["tasks"] = len(asyncio.all_tasks()) - tasks
+        await gone.wait()
+        watch.stop()
+        seen["gone"] = watch.gone
+
+    async def main() -> None:
+        state, loop = ServerState(), asyncio.get_running_loop()
+        config = Config(app, head_timeout_s=10, log_config=None)
+        listening = await loop.create_server(
+            lambda: HttpProtocol(config, server_state=state, app_state={}), "127.0.0.1", 0)
+        port = listening.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /s HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\n\r\n{}")
+        assert b"first" in await reader.readuntil(b"first")
+        writer.close()
+        await asyncio.wait_for(gone.wait(), 10)
+        listening.close()
+
+    asyncio.run(main())
+    assert seen == {"tasks": 0 if server == "gateway" else 1, "gone": True}
 
 
 def test_a_body_that_stalls_is_408(target: Target) -> None:

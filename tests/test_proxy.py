@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from gateway import config as cfg
+from gateway import forward
 from gateway.app import create_app
 from gateway.routes import ASYNC_ENDPOINTS
 from gateway.store import open_store
@@ -192,6 +193,28 @@ def test_a_stream_is_kept_only_to_replay_it(make_gateway: GatewayFactory,
         assert [entry["credits"] for entry in wait_ledger(gateway, 2)] == [3, 3]
     finally:
         upstream.stop()
+
+
+@pytest.mark.parametrize("sizes", [(1,), (7, 100, 3), (4096, 1, 70000, 13)])
+def test_a_stream_keeps_its_last_bytes(sizes: tuple[int, ...]) -> None:
+    """A stream's tail is the end of what was relayed, at least its last TAIL_BYTES (all of a
+    shorter stream), and no more than that and two groups of chunks, however long the stream."""
+    stream = b"".join(b"data: {\"n\": %d}\n\n" % i for i in range(12_000))  # 0.2 MB
+    tail, at, longest, step = forward._Tail(), 0, 0, 0
+    while at < len(stream):
+        for size in sizes:
+            chunk = stream[at:at + size]
+            if chunk:
+                tail.add(chunk)
+                longest = max(longest, len(chunk))
+            at += size
+            step += 1
+            if step % 499 == 0 or at >= len(stream):
+                kept = bytes(tail)
+                assert stream[:at].endswith(kept)
+                assert len(kept) >= min(at, forward.TAIL_BYTES, len(stream))
+                assert len(kept) <= forward.TAIL_BYTES + 16 * longest
+    assert len(bytes(forward._Tail())) == 0
 
 
 def wait_ledger(gateway: RunningGateway, n: int, team: str = "research") -> list[dict]:
