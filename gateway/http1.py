@@ -530,9 +530,7 @@ class _Chunks:
                         return tail
                 else:
                     await response._more()
-        except StopAsyncIteration:
-            raise
-        except BaseException:
+        except BaseException:  # the end too: an answer read to its end keeps its connection
             response._abandon()
             raise
 

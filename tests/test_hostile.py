@@ -392,16 +392,18 @@ def test_a_connection_keeps_to_its_class_attribute_table() -> None:
     assert all(issubclass(kind, list) for kind in kinds), kinds
 
 
-@pytest.mark.parametrize("server", ["gateway", "other"])
+@pytest.mark.parametrize("server", ["gateway", "other", "gone first"])
 def test_a_watch_sees_the_client_leave(server: str) -> None:
     """A stream's relay learns that its client left without reading `receive`: under the
     gateway's server from the server itself (no task: the extension `gateway.disconnect`),
-    under another server from a task that waits on `receive`. Stopped, it calls nothing."""
+    under another server, or when the client had left before the watch began, from a task
+    that waits on `receive`. Stopped, it calls nothing."""
     gone = asyncio.Event()
     seen: dict[str, Any] = {}
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await receive()  # the body
+        connection = receive.__self__.transport
         if server == "other":  # a server without the extension: the scope has none
             cycle_receive = receive
 
@@ -409,6 +411,10 @@ def test_a_watch_sees_the_client_leave(server: str) -> None:
                 return await cycle_receive()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        deadline = asyncio.get_running_loop().time() + 10
+        while server == "gone first" and not connection.is_closing():
+            assert asyncio.get_running_loop().time() < deadline, "the client never left"
+            await asyncio.sleep(0.01)
         stopped = DisconnectWatch(receive, lambda: seen.setdefault("stopped", True))
         stopped.stop()
         await asyncio.sleep(0)  # a cancelled task ends at the loop's next turn
