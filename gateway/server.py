@@ -45,8 +45,8 @@ from .sweep import Sweep, sweep_of
 APP = "gateway.app:create_app_from_env"
 
 MAX_HEAD_BYTES = 32 * 1024
-_ADDRESSES: dict[Any, Any] = {}  # the addresses the servers listen on, each kept once
 HEAD_TIMEOUT_S = 10.0
+_ADDRESSES: dict[Any, Any] = {}  # the addresses the servers listen on, each kept once
 
 
 class Config(uvicorn.Config):

@@ -346,6 +346,15 @@ def test_servers_on_one_loop_watch_heads_at_the_shortest_timeout() -> None:
     assert asyncio.run(main()) == (True, 0.25)
 
 
+async def serve_protocol(app: Any) -> tuple[asyncio.Server, ServerState, int]:
+    """The gateway's protocol serving `app` on a free port of the running loop."""
+    state, loop = ServerState(), asyncio.get_running_loop()
+    config = Config(app, head_timeout_s=10, log_config=None)
+    server = await loop.create_server(
+        lambda: HttpProtocol(config, server_state=state, app_state={}), "127.0.0.1", 0)
+    return server, state, server.sockets[0].getsockname()[1]
+
+
 def test_a_connection_keeps_to_its_class_attribute_table() -> None:
     """CPython keeps an object's attributes in a table its class shares while they number
     fewer than 30; with the 30th the object gets a dictionary of its own, 1.5 KB more for every
@@ -363,11 +372,7 @@ def test_a_connection_keeps_to_its_class_attribute_table() -> None:
         await send({"type": "http.response.body", "body": b""})
 
     async def main() -> tuple[list[str], list[type]]:
-        state, loop = ServerState(), asyncio.get_running_loop()
-        config = Config(app, head_timeout_s=10, log_config=None)
-        server = await loop.create_server(
-            lambda: HttpProtocol(config, server_state=state, app_state={}), "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        server, state, port = await serve_protocol(app)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /held HTTP/1.1\r\nhost: gw\r\n\r\n"
                      b"GET /next HTTP/1.1\r\nhost: gw\r\n\r\n")
@@ -426,11 +431,7 @@ def test_a_watch_sees_the_client_leave(server: str) -> None:
         seen["gone"] = watch.gone
 
     async def main() -> None:
-        state, loop = ServerState(), asyncio.get_running_loop()
-        config = Config(app, head_timeout_s=10, log_config=None)
-        listening = await loop.create_server(
-            lambda: HttpProtocol(config, server_state=state, app_state={}), "127.0.0.1", 0)
-        port = listening.sockets[0].getsockname()[1]
+        listening, _, port = await serve_protocol(app)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST /s HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\n\r\n{}")
         assert b"first" in await reader.readuntil(b"first")
