@@ -166,6 +166,10 @@ class Server:
         """CPU time (user + system) used so far by the server's processes and by `also`."""
         return sum(session_cpu_s(p.pid) for p in (self.proc, *self.also))
 
+    def also_cpu_s(self) -> float:
+        """CPU time used so far by `also` alone (Redis: its share of `cpu_s`)."""
+        return sum(session_cpu_s(p.pid) for p in self.also)
+
 
 @dataclass
 class Bench:
@@ -494,9 +498,11 @@ def measure(bench: Bench, case: Case, nonce: str, session: str) -> dict[str, Any
     a = bench.args
     server = bench.server(case.server)
     same = case.mode == "same"
-    cpu = server.cpu_s()
+    cpu, also = server.cpu_s(), server.also_cpu_s()
     result = wrk(bench, server, case.mode, session if same else nonce, a.duration)
-    result["cpu_us"] = (server.cpu_s() - cpu) * 1e6 / max(result["requests"], 1)
+    answered = max(result["requests"], 1)
+    result["cpu_us"] = (server.cpu_s() - cpu) * 1e6 / answered
+    result["also_cpu_us"] = (server.also_cpu_s() - also) * 1e6 / answered
     single = wrk(bench, server, case.mode, session if same else f"{nonce}-1", a.single_duration,
                  connections=1)
     result["p50_1_us"] = single["p50_us"]
@@ -638,6 +644,7 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, f
             "rps_min": min(r["rps"] for r in runs),
             "rps_max": max(r["rps"] for r in runs),
             "cpu": median([r["cpu_us"] for r in runs]),
+            "also_cpu": median([r["also_cpu_us"] for r in runs]),
             "p50": median([r["p50_us"] / 1000 for r in runs]),
             "p99": median([r["p99_us"] / 1000 for r in runs]),
             "p50_1": median([r["p50_1_us"] / 1000 for r in runs]),
@@ -650,19 +657,20 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, f
 def table(summary: dict[str, dict[str, float]], baseline: str) -> str:
     b, base = summary.get("b"), summary.get(baseline)
     name = CASES[baseline].label.split(" ", 1)[0]
-    rows = ["| case | requests/s | (min-max) | CPU µs/request | p50 ms | p99 ms | p50 ms at 1 "
-            f"connection | req/s vs (b) | req/s vs {name} | CPU vs {name} | p50 at 1 connection "
-            f"over {name} | errors |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| case | requests/s | (min-max) | CPU µs/request | of it Redis | p50 ms | p99 ms | "
+            f"p50 ms at 1 connection | req/s vs (b) | req/s vs {name} | CPU vs {name} | "
+            f"p50 at 1 connection over {name} | errors |",
+            "| --- |" + " ---: |" * 12]
 
     def ratio(s: dict[str, float], base: dict[str, float] | None, key: str = "rps") -> str:
         return f"{s[key] / base[key]:.2f}x" if base and base[key] else "-"
 
     for case_id, s in summary.items():
         added = f"{s['p50_1'] - base['p50_1']:+.2f} ms" if base else "-"
+        redis = f"{s['also_cpu']:.0f}" if "redis" in CASES[case_id].server else "-"
         rows.append(f"| {CASES[case_id].label} | {s['rps']:.0f} | {s['rps_min']:.0f}-"
-                    f"{s['rps_max']:.0f} | {s['cpu']:.0f} | {s['p50']:.2f} | {s['p99']:.2f} | "
-                    f"{s['p50_1']:.2f} | {ratio(s, b)} | {ratio(s, base)} | "
+                    f"{s['rps_max']:.0f} | {s['cpu']:.0f} | {redis} | {s['p50']:.2f} | "
+                    f"{s['p99']:.2f} | {s['p50_1']:.2f} | {ratio(s, b)} | {ratio(s, base)} | "
                     f"{ratio(s, base, 'cpu')} | {added} | {s['errors']:.0f} |")
     return "\n".join(rows)
 
@@ -768,7 +776,9 @@ def report(bench: Bench, cases: list[Case], results: dict[str, list[dict[str, An
         "CPU µs/request: the CPU time (user + system, from `/proc/PID/stat`) of the server's "
         "own processes (every process of its session: workers included; Redis's added for the "
         "gateway on Redis) during the loaded run, divided by the requests it answered: the "
-        "least noisy figure on a shared machine. p50 at 1 connection: a separate wrk run with "
+        "least noisy figure on a shared machine; of it Redis: Redis's own part of it (what one "
+        "Redis spends per request for every worker it serves). p50 at 1 connection: a separate "
+        "wrk run with "
         f"one connection ({a.single_duration} s) right after each loaded run. Ratios: "
         "requests/s (or CPU per request) divided by those of the case named; p50 over: this "
         "case's median p50 at 1 connection minus that case's. Errors: socket errors, timeouts "

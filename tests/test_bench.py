@@ -67,17 +67,24 @@ def test_bench_writes_a_row_of_numbers_per_case(tmp_path: Path) -> None:
     assert [row.split("|")[1].strip() for row in rows] == labels
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
-        _, rps, spread, cpu, p50, p99, p50_1, vs_b, vs_aio, cpu_vs_aio, added, errors = cells
+        _, rps, spread, cpu, redis, p50, p99, p50_1, vs_b, vs_aio, cpu_vs_aio, added, errors = cells
         assert float(rps) > 0 and float(p50) > 0 and float(p99) >= float(p50), row
         assert float(p50_1) > 0, row
         assert re.fullmatch(r"\d+-\d+", spread), row
         assert re.fullmatch(r"\d+", cpu), row  # the server's own CPU time, from /proc
+        on_redis = "Redis" in cells[0]
+        assert re.fullmatch(r"\d+" if on_redis else "-", redis), row
+        if on_redis:
+            assert int(redis) <= int(cpu), row  # Redis's part of the case's CPU
         for ratio in (vs_b, vs_aio, cpu_vs_aio):
             assert re.fullmatch(r"\d+\.\d\dx", ratio), row
         assert re.fullmatch(r"[+-]\d+\.\d\d ms", added), row
         assert errors == "0", row
     cpu_of = {row.split("|")[1].strip(): int(row.split("|")[4]) for row in rows}
     assert cpu_of[bench.CASES["e"].label] > 0  # the gateway (and its Redis) did work for its load
+    redis_of = {row.split("|")[1].strip(): int(row.split("|")[5]) for row in rows
+                if "Redis" in row.split("|")[1]}
+    assert redis_of[bench.CASES["e"].label] > 0  # Redis ran the miss's scripts
     assert "LiteLLM" not in text  # opt-in: too slow to install for a smoke run
     # the gateways counted the answers the cases were meant to exercise
     assert re.search(r"gw_redis: .*200 HIT: \d+.*200 MISS: \d+", text)
