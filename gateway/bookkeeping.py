@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,7 @@ MAX_BATCH = 256
 class Bookkeeper:
     def __init__(self, store: Store, *, on_settled: Callable[[Completion, Settled], None],
                  on_error: Callable[[], None], on_depth: Callable[[int], None],
+                 on_round_trip: Callable[[float], None] = lambda seconds: None,
                  soft_limit: int = 100_000, max_backoff_s: float = 2.0,
                  trace: BookkeepingTrace | None = None) -> None:
         self.store = store
@@ -48,6 +50,7 @@ class Bookkeeper:
         self._on_settled = on_settled
         self._on_error = on_error
         self._on_depth = on_depth
+        self._on_round_trip = on_round_trip  # the seconds each call to the store took
         self._max_backoff_s = max_backoff_s
         self._queue: collections.deque[Work] = collections.deque()
         self._sending = 0
@@ -84,6 +87,7 @@ class Bookkeeper:
     async def commit(self, completion: Completion) -> None:
         """Apply a completion now; if the store is away, queue it (the answer still goes out:
         holding it back would lose it, while the queue makes sure the state lands)."""
+        started = time.perf_counter()
         try:
             settled = await self.store.finish(completion)
         except StoreError:
@@ -93,6 +97,8 @@ class Bookkeeper:
             log.exception("bookkeeping failed for one request; it was not applied")
         else:
             self._on_settled(completion, settled)
+        finally:
+            self._on_round_trip(time.perf_counter() - started)
 
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Wait until everything queued has landed; False if the time ran out first."""
@@ -149,11 +155,14 @@ class Bookkeeper:
         completions = [w for w in batch if isinstance(w, Completion)]
         if not completions:
             return retry
+        started = time.perf_counter()
         try:
             results = await self.store.finish_many(completions)
         except StoreError:
             self._on_error()
             return retry + completions
+        finally:
+            self._on_round_trip(time.perf_counter() - started)
         for completion, result in zip(completions, results, strict=True):
             if isinstance(result, StoreError):
                 retry.append(completion)

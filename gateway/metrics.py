@@ -278,6 +278,11 @@ class Metrics:
         self.store_errors = self._counter(
             "gateway_store_errors_total", "Store operations that failed (unreachable or slow).",
             ["operation"])
+        self.store_duration = self._histogram(
+            "gateway_store_duration_seconds",
+            "Time one call to the shared store took, answered or failed: admit (a request's "
+            "admission, before it is answered) and finish (a batch of settlements, after).",
+            ["operation"])
         self.bookkeeping_pending = self._gauge(
             "gateway_bookkeeping_pending",
             "Completed requests whose bookkeeping (settlement, cache, ledger) has not yet "

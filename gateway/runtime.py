@@ -73,11 +73,13 @@ class Runtime:
         self.flights = Flights()
         self.health = Health(store, metrics, lambda: self.policy.accounts)
         self._waiters: dict[int, Waiters] = {}  # per store: the shared one, or the fallback
+        self._admit_time = metrics.store_duration.labels("admit")  # once, not per request
         self.bookkeeper = Bookkeeper(
             store,
             on_settled=lambda c, settled: self.settled(c.team, c.period, settled),
             on_error=self.metrics.store_errors.labels("finish").inc,
             on_depth=self.metrics.bookkeeping_pending.set,
+            on_round_trip=self.metrics.store_duration.labels("finish").observe,
             trace=tracing.bookkeeping if tracing is not None else None,
         )
         # this process's name: every ticket starts with it, and the store knows it is alive
@@ -208,8 +210,12 @@ class Runtime:
         if self.bookkeeper.saturated:  # the store is not keeping up with what it already has
             self.metrics.store_errors.labels("admit").inc()
             raise StoreUnavailable()
+        started = time.perf_counter()
         try:
-            result = await self.store.admit(admission)
+            try:
+                result = await self.store.admit(admission)
+            finally:
+                self._admit_time.observe(time.perf_counter() - started)
             if (result.verdict is Verdict.NOT_FOUND and self._fallback is not None
                     and self.bookkeeper.pending):
                 # a task created while the store was away: its owner may still be on the way

@@ -73,6 +73,12 @@ def test_exact_values_after_a_known_sequence(make_gateway: GatewayFactory, store
     assert value(m, "gateway_request_duration_seconds_count", route=chat) == 4
     assert value(m, "gateway_request_duration_seconds_count", route="tasks") == 1
     assert value(m, "gateway_upstream_duration_seconds_count", route=chat) == 2
+    # every admission asked the store once (the wrong key never reached it); the settlements
+    # went in batches, as many as the bookkeeping made
+    assert value(m, "gateway_store_duration_seconds_count", operation="admit") == 4
+    finish = value(m, "gateway_store_duration_seconds_count", operation="finish")
+    assert finish is not None and 1 <= finish <= 3
+    assert 0 < value(m, "gateway_store_duration_seconds_sum", operation="admit") < 10
     buckets = {labels for (name, labels) in m if name == "gateway_request_duration_seconds_bucket"}
     bounds = {float(dict(b)["le"]) for b in buckets if dict(b)["route"] == chat}
     assert min(bounds) <= 0.0005 and max(b for b in bounds if b != float("inf")) >= 300

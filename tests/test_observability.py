@@ -161,6 +161,7 @@ def test_dashboard_has_the_panels_operators_need() -> None:
         'status=~"5..|error"', 'status=~"401|402"', 'reason="quota"',
         "gateway_inflight_requests", "gateway_store_errors_total",
         "gateway_store_fallback_requests_total", "by (team, status)",
+        "gateway_store_duration_seconds_bucket",
         "gateway_upstream_account_up", "gateway_upstream_slots_total",
         "gateway_upstream_waiting", "gateway_upstream_wait_seconds_bucket",
         "gateway_upstream_account_slots_free", "gateway_upstream_account_balance_remaining",
@@ -184,6 +185,7 @@ def test_rules_are_complete() -> None:
     for metric in ("gateway_budget_remaining_credits", "gateway_budget_limit_credits",
                    'reason="quota"', 'status=~"5..|error"', 'status=~"401|402"',
                    "gateway_store_errors_total", "gateway_store_fallback_requests_total",
+                   "gateway_store_duration_seconds_bucket",
                    "histogram_quantile(0.99,", "gateway_cache_events_total",
                    "gateway_ledger_pending", "gateway_ledger_lag_seconds",
                    "gateway_upstream_account_up", "gateway_upstream_account_slots_free",
@@ -587,6 +589,10 @@ def test_every_dashboard_query_answers_with_the_traffic_sent(
     fallback = one("Requests served without the store (open fallback)")
     assert fallback[""] * window_s == approx(1, rel=1e-2)
     assert one("Store errors by operation", "operation")["admit"] * window_s == approx(1, rel=1e-2)
+    # both store calls are timed: every admission, and the settlements after the answers
+    latency = one("Store latency p50 / p99 by operation", "operation", target=1)
+    assert set(latency) == {"admit", "finish"}
+    assert all(0 < seconds < 60 for seconds in latency.values()), latency
 
     # The alert rules, loaded by this Prometheus, evaluate without errors on real series...
     def evaluated() -> list[dict[str, Any]] | None:

@@ -9,6 +9,7 @@ import pytest
 
 from .conftest import GatewayFactory, Mock, RedisServer
 from .test_limits import teams_with
+from .test_metrics import samples, value
 from .test_proxy import error_of, wait_ledger
 
 # `private_redis` comes first so that it outlives the gateway (fixtures end in reverse order)
@@ -28,7 +29,10 @@ def test_closed_answers_503_and_recovers(private_redis: RedisServer, make_gatewa
     assert gateway.client.get("/metrics").status_code == 200
     ready = gateway.client.get("/readyz")
     assert ready.status_code == 503 and error_of(ready)["type"] == "store_unavailable"
-    assert 'gateway_store_errors_total{operation="admit"}' in gateway.metrics()
+    m = samples(gateway.metrics())
+    assert value(m, "gateway_store_errors_total", operation="admit") == 1
+    # the failed call is timed too: the store's latency shows an outage, not only its errors
+    assert value(m, "gateway_store_duration_seconds_count", operation="admit") == 2
 
     private_redis.start()  # empty: the quota starts again, and is enforced again
     assert [gateway.chat(f"after {i}").status_code for i in range(3)] == [200, 200, 429]
