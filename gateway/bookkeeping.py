@@ -41,7 +41,7 @@ MAX_BATCH = 256
 class Bookkeeper:
     def __init__(self, store: Store, *, on_settled: Callable[[Completion, Settled], None],
                  on_error: Callable[[], None], on_depth: Callable[[int], None],
-                 on_round_trip: Callable[[float], None] = lambda seconds: None,
+                 on_round_trip: Callable[[float], None],
                  soft_limit: int = 100_000, max_backoff_s: float = 2.0,
                  trace: BookkeepingTrace | None = None) -> None:
         self.store = store
