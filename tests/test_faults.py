@@ -182,7 +182,8 @@ def test_redis_killed_and_restarted_under_load(durable_redis: RedisServer,
 
 def test_redis_slow_under_load(durable_redis: RedisServer, make_gateway: GatewayFactory,
                                mock: Mock) -> None:
-    gateway = make_gateway(durable_redis.url, teams=teams_with(budget={"credits": 100_000}))
+    gateway = make_gateway(durable_redis.url, teams=teams_with(budget={"credits": 100_000}),
+                           store={"timeout_s": 0.5})  # Redis sleeps past it
     with Load(gateway) as load:
         time.sleep(0.3)
         threading.Thread(target=lambda: durable_redis.cli("DEBUG", "SLEEP", "1.5")).start()
