@@ -446,16 +446,20 @@ def test_no_secret_in_any_log_line(gateway: RunningGateway, mock: Mock,
 
 def test_concurrent_requests_share_one_client(gateway: RunningGateway, mock: Mock) -> None:
     results: list[int] = []
+    refusals: list[str] = []  # what a failed one said, for the assertion's message
 
     def call(i: int) -> None:
-        results.append(gateway.chat(f"concurrent {i}").status_code)
+        answer = gateway.chat(f"concurrent {i}")
+        results.append(answer.status_code)
+        if answer.status_code != 200:
+            refusals.append(answer.text)
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(20)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert results == [200] * 20
+    assert results == [200] * 20, refusals
     assert mock.count("POST chat/completions") == 20
 
 
