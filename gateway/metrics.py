@@ -281,7 +281,8 @@ class Metrics:
         self.store_duration = self._histogram(
             "gateway_store_duration_seconds",
             "Time one call to the shared store took, answered or failed: admit (a request's "
-            "admission, before it is answered) and finish (a batch of settlements, after).",
+            "admission, before it is answered) and finish (settlements: a batch after the "
+            "answers, or one that an answer waits for, such as a new task's owner).",
             ["operation"])
         self.bookkeeping_pending = self._gauge(
             "gateway_bookkeeping_pending",

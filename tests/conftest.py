@@ -438,8 +438,9 @@ def base_config(upstream_url: str, store_url: str = "memory://", **sections: Any
         "upstream": {"base_url": upstream_url, "api_key": UPSTREAM_KEY, "timeout_s": 5,
                      "connect_timeout_s": 1, "requests_per_minute": None, "retries": 1},
         # the gateway runs in a thread of the test process, which the test's own client threads
-        # and a loaded machine hold up: at 0.5 s, 14 of 20 concurrent requests once got 503 on a
-        # healthy Redis in CI (a test about the store's timeout sets its own)
+        # and a loaded machine hold up: at 0.5 s, 14 of 20 concurrent requests once got 503 in
+        # CI from the session's Redis, which no test stops (a test about the store's timeout
+        # sets its own)
         "store": {"url": store_url, "on_error": "closed", "timeout_s": 2},
         "pricing": {"default": 10, "models": {"flux-2": 4, "kling-3": 100, "gemini": 2}},
         "teams": {"research": team_config("research"), "marketing": team_config("marketing")},
